@@ -1,0 +1,103 @@
+"""Argument groups for finetune.py, parsed with HfArgumentParser (command line, or --config run.yaml)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from chatft.demo_model import DEFAULT_MODEL_DIR
+
+METHODS = ("full", "ptuning", "lora", "qlora")
+FORMATS = ("auto", "multi-turn", "input-output", "openai", "alpaca", "sharegpt")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default=str(DEFAULT_MODEL_DIR),
+        metadata={
+            "help": "Model folder (default: the demo SmolLM2-135M-Instruct from scripts/get_demo_model.sh)."
+        },
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Tokenizer folder; default: the model's own."}
+    )
+    method: str = field(default="lora", metadata={"help": "Fine-tuning method.", "choices": list(METHODS)})
+    template: str | None = field(
+        default=None,
+        metadata={
+            "help": "Chat template: unset uses the tokenizer's own chat template; a native one by name "
+            "(chatml, chatglm3) for tokenizers without one or with a broken one."
+        },
+    )
+    pre_seq_len: int = field(
+        default=128, metadata={"help": "P-Tuning v2: number of prefix tokens per layer."}
+    )
+    prefix_projection: bool = field(
+        default=False, metadata={"help": "P-Tuning v2: reparametrize the prefix with a two-layer MLP."}
+    )
+    quantization_bit: int | None = field(
+        default=None,
+        metadata={"help": "Load the frozen base in 4-bit NF4 or 8-bit (bitsandbytes); qlora defaults to 4."},
+    )
+    ptuning_checkpoint: str | None = field(
+        default=None, metadata={"help": "P-Tuning v2 checkpoint to continue training from."}
+    )
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank r."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    lora_target: str = field(
+        default="all-linear",
+        metadata={
+            "help": "Comma-separated module names for LoRA, or all-linear (every linear layer but the head)."
+        },
+    )
+    attn_implementation: str = field(
+        default="sdpa",
+        metadata={"help": "Attention backend: sdpa, eager, flash_attention_2, flex_attention."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"--method must be one of {', '.join(METHODS)}, not {self.method!r}")
+        if self.quantization_bit not in (None, 4, 8):
+            raise ValueError(f"--quantization_bit must be 4 or 8, not {self.quantization_bit}")
+        if self.method == "qlora" and self.quantization_bit is None:
+            self.quantization_bit = 4
+        if self.method == "full" and self.quantization_bit is not None:
+            raise ValueError(
+                "--quantization_bit cannot be used with --method full (a quantized base cannot be trained)"
+            )
+        if self.method == "lora" and self.quantization_bit is not None:
+            self.method = "qlora"
+
+
+@dataclass
+class DataArguments:
+    train_file: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Training data: one or more .json/.jsonl files or directories."},
+    )
+    train_format: str = field(
+        default="auto", metadata={"help": "Input format of the data files.", "choices": list(FORMATS)}
+    )
+    eval_file: list[str] = field(default_factory=list, metadata={"help": "Evaluation data, same formats."})
+    max_seq_length: int = field(
+        default=2048, metadata={"help": "Longest example in tokens; later turns are dropped first, then cut."}
+    )
+    max_source_length: int | None = field(
+        default=None, metadata={"help": "input-output format: cut the prompt to this many tokens."}
+    )
+    max_target_length: int | None = field(
+        default=None,
+        metadata={"help": "input-output format: cut the response to this many tokens (EOS included)."},
+    )
+    preprocessing_num_workers: int | None = field(
+        default=None, metadata={"help": "Processes for tokenization (datasets.map num_proc)."}
+    )
+    skip_invalid_records: bool = field(
+        default=False, metadata={"help": "Skip invalid records (counted and listed) instead of stopping."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.train_format not in FORMATS:
+            raise ValueError(f"--train_format must be one of {', '.join(FORMATS)}, not {self.train_format!r}")

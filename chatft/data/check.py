@@ -1,0 +1,97 @@
+"""The data checker behind scripts/check_data.py; finetune.py prints the same report before training."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from chatft.args import FORMATS
+from chatft.data.dataset import PreparedData, prepare_data, sanity_check_lines
+from chatft.data.formats import DataFileError
+from chatft.data.templates import NATIVE_TEMPLATES, TemplateError
+from chatft.demo_model import DEFAULT_MODEL_DIR
+
+EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
+
+
+def report_lines(prepared: PreparedData, tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """Sanity Check of the first example, the statistics, then every invalid record as FILE:LINE: field: what."""
+    lines: list[str] = []
+    if len(prepared.dataset):
+        first = prepared.dataset[0]
+        lines += sanity_check_lines(first["input_ids"], first["labels"], tokenizer)
+    lines += prepared.stats.lines()
+    if prepared.problems:
+        lines.append(f"{len(prepared.problems)} invalid record(s):")
+        lines += [str(p) for p in prepared.problems]
+    return lines
+
+
+def write_dump(prepared: PreparedData, path: str) -> None:
+    """One JSON object per kept example: its file, its record number in that file, input_ids and labels."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for ex in prepared.dataset:
+            row = {"file": ex["file"], "record": ex["record"], "input_ids": ex["input_ids"], "labels": ex["labels"]}
+            f.write(json.dumps(row) + "\n")
+
+
+def load_tokenizer_or_explain(path: str) -> PreTrainedTokenizerBase:
+    if not Path(path).exists():
+        hint = " (run scripts/get_demo_model.sh first)" if Path(path) == DEFAULT_MODEL_DIR else ""
+        raise ValueError(f"no tokenizer at {path}{hint}")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # transformers raises many kinds for a folder that is not a tokenizer
+        raise ValueError(f"cannot load a tokenizer from {path}: {e}") from e
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Validate training data and show exactly what will be trained: a Sanity Check of the first "
+        "example (token, id, label; -100 = not trained), statistics, and every invalid record as "
+        "FILE:LINE: field: problem. Exit status: 0 all valid, 1 some invalid, 2 usage error."
+    )
+    p.add_argument("--train_file", nargs="+", required=True, help="one or more .json/.jsonl files or directories")
+    p.add_argument("--train_format", default="auto", choices=FORMATS)
+    p.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="tokenizer source (default: %(default)s)")
+    p.add_argument(
+        "--template",
+        default=None,
+        choices=list(NATIVE_TEMPLATES),
+        help="native chat template; default: the tokenizer's own chat template",
+    )
+    p.add_argument("--max_seq_length", type=int, default=2048)
+    p.add_argument("--max_source_length", type=int, default=None, help="input-output: cut prompts to this")
+    p.add_argument("--max_target_length", type=int, default=None, help="input-output: cut responses to this")
+    p.add_argument("--preprocessing_num_workers", type=int, default=None)
+    p.add_argument("--dump", default=None, help="write the kept examples as JSON lines to this path")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        tokenizer = load_tokenizer_or_explain(args.model)
+        prepared = prepare_data(
+            args.train_file,
+            args.train_format,
+            tokenizer,
+            args.template,
+            args.max_seq_length,
+            args.max_source_length,
+            args.max_target_length,
+            args.preprocessing_num_workers,
+        )
+    except (DataFileError, TemplateError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print("\n".join(report_lines(prepared, tokenizer)))
+    if args.dump:
+        write_dump(prepared, args.dump)
+        print(f"wrote {len(prepared.dataset)} examples to {args.dump}")
+    return EXIT_INVALID if prepared.problems else EXIT_OK

@@ -1,0 +1,187 @@
+"""Data files -> a tokenized datasets.Dataset of {input_ids, labels}, with the counts of everything left out.
+
+Shared by scripts/check_data.py and finetune.py, so the checker and training can never disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import datasets
+from transformers import PreTrainedTokenizerBase
+
+from chatft.data.formats import LoadedData, load_conversations
+from chatft.data.schema import Conversation, Message, Problem, ToolCall
+from chatft.data.templates import IGNORE_INDEX, Template, TemplateError, encode, get_template, truncate
+
+
+@dataclass
+class EncodeSettings:
+    template: Template | None  # None: raw (input-output) data only
+    max_seq_length: int = 2048
+    max_source_length: int | None = None
+    max_target_length: int | None = None
+
+
+@dataclass
+class DataStats:
+    records_read: int = 0
+    valid: int = 0
+    invalid: int = 0
+    skipped: int = 0  # valid records left with no trained token after truncation
+    truncated: int = 0
+    lengths: list[int] = field(default_factory=list)
+    trained_tokens: int = 0
+    seconds: float = 0.0
+
+    def lines(self) -> list[str]:
+        out = [
+            f"records read: {self.records_read}, valid: {self.valid}, invalid: {self.invalid}, "
+            f"skipped (no trained token left): {self.skipped}, truncated: {self.truncated}, "
+            f"examples: {len(self.lengths)}"
+        ]
+        if self.lengths:
+            s = sorted(self.lengths)
+            p95 = s[min(len(s) - 1, int(round(0.95 * (len(s) - 1))))]
+            total = sum(s)
+            out.append(
+                f"tokens per example: min {s[0]}, median {statistics.median(s):g}, p95 {p95}, max {s[-1]}; "
+                f"total {total}, trained {self.trained_tokens} ({100 * self.trained_tokens / total:.1f}%)"
+            )
+        out.append(f"preprocessing took {self.seconds:.1f} s")
+        return out
+
+
+@dataclass
+class PreparedData:
+    dataset: datasets.Dataset  # columns: input_ids, labels, file, record
+    stats: DataStats
+    problems: list[Problem]
+    formats: dict[str, str]
+
+
+def conversation_to_json(conv: Conversation) -> str:
+    return json.dumps(asdict(conv), ensure_ascii=False)
+
+
+def conversation_from_json(text: str) -> Conversation:
+    d = json.loads(text)
+    messages = [
+        Message(
+            role=m["role"],
+            content=m["content"],
+            loss=m["loss"],
+            tool_calls=[ToolCall(**c) for c in m["tool_calls"]],
+            name=m["name"],
+        )
+        for m in d["messages"]
+    ]
+    return Conversation(messages, d["tools"], d["raw"])
+
+
+def _encode_batch(
+    batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, settings: EncodeSettings
+) -> dict:
+    out: dict[str, list] = {"input_ids": [], "labels": [], "truncated": [], "error": []}
+    for text in batch["conversation"]:
+        try:
+            conv = conversation_from_json(text)
+            enc = encode(
+                conv, tokenizer, settings.template, settings.max_source_length, settings.max_target_length
+            )
+        except TemplateError as e:
+            out["input_ids"].append([])
+            out["labels"].append([])
+            out["truncated"].append(False)
+            out["error"].append(str(e))
+            continue
+        enc, cut = truncate(enc, settings.max_seq_length)
+        out["input_ids"].append(enc.input_ids)
+        out["labels"].append(enc.labels)
+        out["truncated"].append(cut)
+        out["error"].append("")
+    return out
+
+
+def tokenize_conversations(
+    loaded: LoadedData,
+    tokenizer: PreTrainedTokenizerBase,
+    settings: EncodeSettings,
+    num_proc: int | None = None,
+) -> PreparedData:
+    """Encode every valid record; a record the template cannot render becomes a located problem."""
+    start = time.perf_counter()
+    raw = datasets.Dataset.from_dict(
+        {
+            "file": [f for f, _, _ in loaded.records],
+            "record": [line for _, line, _ in loaded.records],
+            "conversation": [conversation_to_json(c) for _, _, c in loaded.records],
+        }
+    )
+    encoded = raw.map(
+        _encode_batch,
+        batched=True,
+        fn_kwargs={"tokenizer": tokenizer, "settings": settings},
+        num_proc=num_proc if num_proc and num_proc > 1 and len(raw) >= 2 * num_proc else None,
+        remove_columns=["conversation"],
+        desc="tokenizing",
+    )
+    problems = list(loaded.problems)
+    errors = [
+        (f, r, e) for f, r, e in zip(encoded["file"], encoded["record"], encoded["error"], strict=True) if e
+    ]
+    problems.extend(Problem(f, r, "(template)", e) for f, r, e in errors)
+    has_trained = [any(label != IGNORE_INDEX for label in labels) for labels in encoded["labels"]]
+    keep = [i for i, (e, t) in enumerate(zip(encoded["error"], has_trained, strict=True)) if not e and t]
+    stats = DataStats(
+        records_read=loaded.records_read,
+        valid=len(loaded.records) - len(errors),
+        invalid=loaded.invalid + len(errors),
+        skipped=sum(1 for e, t in zip(encoded["error"], has_trained, strict=True) if not e and not t),
+    )
+    dataset = encoded.select(keep).remove_columns(["error", "truncated"])
+    truncated = encoded["truncated"]
+    stats.truncated = sum(1 for i in keep if truncated[i])
+    stats.lengths = [len(x) for x in dataset["input_ids"]]
+    stats.trained_tokens = sum(
+        sum(1 for label in labels if label != IGNORE_INDEX) for labels in dataset["labels"]
+    )
+    stats.seconds = time.perf_counter() - start
+    problems.sort(key=lambda p: (p.file, p.line))
+    return PreparedData(dataset, stats, problems, loaded.formats)
+
+
+def prepare_data(
+    paths: list[str],
+    fmt: str,
+    tokenizer: PreTrainedTokenizerBase,
+    template_name: str | None,
+    max_seq_length: int = 2048,
+    max_source_length: int | None = None,
+    max_target_length: int | None = None,
+    num_proc: int | None = None,
+    log: Callable[[str], None] = print,
+) -> PreparedData:
+    start = time.perf_counter()
+    loaded = load_conversations(paths, fmt, log=log)
+    settings = EncodeSettings(
+        get_template(template_name, tokenizer), max_seq_length, max_source_length, max_target_length
+    )
+    prepared = tokenize_conversations(loaded, tokenizer, settings, num_proc)
+    prepared.stats.seconds = time.perf_counter() - start
+    return prepared
+
+
+def sanity_check_lines(
+    input_ids: list[int], labels: list[int], tokenizer: PreTrainedTokenizerBase
+) -> list[str]:
+    """ChatGLM3's Sanity Check: one line per token, its text, id and label (-100: not trained)."""
+    lines = ["Sanity Check >>>>>>>>>>>>>"]
+    for t, label in zip(input_ids, labels, strict=True):
+        lines.append(f"{tokenizer.decode([t])!r:>20}: {t:6d} -> {label:6d}")
+    lines.append("<<<<<<<<<<<<< Sanity Check")
+    return lines

@@ -1,0 +1,224 @@
+"""Conversation -> ids and labels, on a toy tokenizer whose ids can be read off tests/toy.py."""
+
+import pytest
+from toy import CHATML, ids, make_tokenizer
+
+from chatft.data.schema import Conversation, Message, ToolCall
+from chatft.data.templates import (
+    IGNORE_INDEX,
+    NATIVE_TEMPLATES,
+    TemplateError,
+    encode,
+    get_template,
+    truncate,
+)
+
+X = IGNORE_INDEX
+
+
+def chat(*turns: tuple[str, str], **kw) -> Conversation:
+    return Conversation([Message(role, content) for role, content in turns], **kw)
+
+
+def enc(conv, tokenizer=None, template=None, **kw):
+    tokenizer = tokenizer or make_tokenizer()
+    return encode(conv, tokenizer, None if conv.raw else get_template(template, tokenizer), **kw)
+
+
+def test_chatml_trains_completion_and_im_end_never_header_nor_newline_after():
+    e = enc(chat(("user", "hi"), ("assistant", "hello!")))
+    assert e.input_ids == [3, 17, 11, 20, 4, 11, 3, 18, 11, 21, 34, 4, 11]
+    assert e.labels == [X, X, X, X, X, X, X, X, X, 21, 34, 4, X]
+    assert e.turn_ends == [12]
+
+
+def test_ids_equal_apply_chat_template_token_for_token():
+    tok = make_tokenizer()
+    turns = [
+        ("system", "ok"),
+        ("user", "hi"),
+        ("assistant", "hello"),
+        ("user", "how are you?"),
+        ("assistant", "fine"),
+    ]
+    e = enc(chat(*turns), tok)
+    expected = tok.apply_chat_template(
+        [{"role": r, "content": c} for r, c in turns], tokenize=True, return_dict=False
+    )
+    assert e.input_ids == expected
+
+
+def test_completion_starting_with_spaces_merges_with_header_newline():
+    # "\n  " (header newline + two spaces of the completion) is one token: it holds trained characters, so it
+    # is trained, and the tokens are those of the whole rendering, not of the pieces.
+    e = enc(chat(("user", "hi"), ("assistant", "  hello")))
+    assert e.input_ids == ids(
+        "<|im_start|>", "user", "\n", "hi", "<|im_end|>", "\n", "<|im_start|>", "assistant", "\n  ", "hello",
+        "<|im_end|>", "\n",
+    )  # fmt: skip
+    assert e.labels == [X] * 8 + ids("\n  ", "hello", "<|im_end|>") + [X]
+
+
+def test_multi_turn_loss_flags_both_ways():
+    conv = Conversation(
+        [
+            Message("user", "hi"),
+            Message("assistant", "hello", loss=False),
+            Message("user", "bye"),
+            Message("assistant", "ok", loss=True),
+        ]
+    )
+    e = enc(conv)
+    trained = [t for t, label in zip(e.input_ids, e.labels, strict=True) if label != X]
+    assert trained == ids("ok", "<|im_end|>")
+    assert e.labels[e.input_ids.index(ids("hello")[0])] == X
+
+
+def test_user_and_system_never_trained():
+    e = enc(chat(("system", "ok"), ("user", "hello"), ("assistant", "fine")))
+    assert [t for t, label in zip(e.input_ids, e.labels, strict=True) if label != X] == ids(
+        "fine", "<|im_end|>"
+    )
+
+
+def test_template_default_system_prompt_is_rendered_and_untrained():
+    template = (
+        "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nok<|im_end|>\n{% endif %}" + CHATML
+    )
+    tok = make_tokenizer(template)
+    e = enc(chat(("user", "hi"), ("assistant", "hello")), tok)
+    assert e.input_ids[:5] == ids("<|im_start|>", "system", "\n", "ok", "</s>")[:4] + [4]
+    assert [t for t, label in zip(e.input_ids, e.labels, strict=True) if label != X] == ids("hello") + [4]
+
+
+def test_chatglm3_native_trains_metadata_line_and_next_role_token_then_eos():
+    tok = make_tokenizer(None)
+    e = enc(
+        chat(("user", "hi"), ("assistant", "hello"), ("user", "bye"), ("assistant", "ok")), tok, "chatglm3"
+    )
+    # [gMASK] sop <|user|> \n hi <|assistant|> \n hello <|user|> \n bye <|assistant|> \n ok </s>
+    assert e.input_ids == [5, 6, 8, 11, 20, 9, 11, 21, 8, 11, 28, 9, 11, 29, 2]
+    assert e.labels == [X, X, X, X, X, X, 11, 21, 8, X, X, X, 11, 29, 2]
+
+
+def test_chatglm3_tool_call_and_observation():
+    tok = make_tokenizer(None)
+    conv = Conversation(
+        [
+            Message("user", "weather?"),
+            Message("assistant", "", tool_calls=[ToolCall("get_weather", {"city": "Paris"})]),
+            Message("tool", "sunny", name="get_weather"),
+            Message("assistant", "sunny"),
+        ],
+        tools=[{"name": "get_weather"}],
+    )
+    r = NATIVE_TEMPLATES["chatglm3"].to_dicts(conv, False)
+    assert r.messages[0] == {
+        "role": "system",
+        "content": "Answer the following questions as best as you can. You have access to the following tools:\n"
+        '[\n    {\n        "name": "get_weather"\n    }\n]',
+    }
+    assert r.messages[2] == {
+        "role": "assistant",
+        "metadata": "get_weather",
+        "content": "```python\ntool_call(city='Paris')\n```",
+    }
+    assert r.messages[3] == {"role": "observation", "content": "sunny"}
+    assert r.trained == [False, False, True, False, True]
+    e = enc(conv, tok, "chatglm3")
+    obs = e.input_ids.index(ids("<|observation|>")[0])
+    assert e.labels[obs] == ids("<|observation|>")[0]  # closes the tool call turn
+    assert all(label == X for label in e.labels[obs + 1 : obs + 3])  # observation text untrained
+    assert e.input_ids[-1] == 2 and e.labels[-1] == 2
+
+
+def test_tools_fall_back_to_documented_text_when_template_has_none():
+    conv = Conversation(
+        [
+            Message("system", "ok"),
+            Message("user", "weather?"),
+            Message("assistant", "", tool_calls=[ToolCall("get", {"city": "Paris"})]),
+            Message("tool", "sunny"),
+            Message("assistant", "sunny"),
+        ],
+        tools=[{"name": "get"}],
+    )
+    r = get_template(None, make_tokenizer()).to_dicts(conv, False)
+    assert r.messages[0]["content"].startswith("ok\n\nAnswer the following questions")
+    assert r.messages[2] == {
+        "role": "assistant",
+        "content": '<tool_call>\n{"name": "get", "arguments": {"city": "Paris"}}\n</tool_call>',
+    }
+    assert r.messages[3] == {"role": "user", "content": "<tool_response>\nsunny\n</tool_response>"}
+    assert r.trained == [False, False, True, False, True]
+
+
+def test_tools_passed_to_template_that_supports_them():
+    template = (
+        "{% if tools %}<|im_start|>system\n{% for t in tools %}{{ t['name'] }}{% endfor %}<|im_end|>\n{% endif %}"
+        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+        "{% if message.tool_calls %}{% for c in message.tool_calls %}{{ c.function.name }}{% endfor %}"
+        "{% else %}{{ message['content'] }}{% endif %}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    tok = make_tokenizer(template)
+    conv = Conversation(
+        [
+            Message("user", "weather?"),
+            Message("assistant", "", tool_calls=[ToolCall("get", {})]),
+            Message("tool", "sunny", name="get"),
+            Message("assistant", "sunny"),
+        ],
+        tools=[{"name": "city"}],
+    )
+    e = enc(conv, tok)
+    assert e.input_ids[:5] == ids("<|im_start|>", "system", "\n", "city") + [4]
+    trained = [t for t, label in zip(e.input_ids, e.labels, strict=True) if label != X]
+    assert trained == ids("get") + [4] + ids("sunny") + [4]
+    assert "".join(tok.convert_ids_to_tokens(e.input_ids)).count("<|im_start|>tool\nsunny") == 1
+
+
+def test_template_that_rewrites_earlier_turns_is_refused():
+    # Drops the content of every assistant turn but the last (as some reasoning templates do).
+    template = (
+        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+        "{% if message['role'] != 'assistant' or loop.last %}{{ message['content'] }}{% endif %}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    conv = chat(("user", "hi"), ("assistant", "hello"), ("user", "bye"), ("assistant", "ok"))
+    with pytest.raises(TemplateError, match="renders turn 2 differently"):
+        enc(conv, make_tokenizer(template))
+
+
+def test_no_chat_template_needs_template_flag():
+    with pytest.raises(TemplateError, match="no chat template"):
+        get_template(None, make_tokenizer(None))
+    with pytest.raises(TemplateError, match="unknown --template"):
+        get_template("vicuna", make_tokenizer())
+
+
+def test_input_output_raw_with_prefix_tokens_and_eos():
+    tok = make_tokenizer(None, bos=True)
+    conv = Conversation([Message("user", "hi there"), Message("assistant", "hello !")], raw=True)
+    e = enc(conv, tok)
+    assert e.input_ids == [1, 20, 13, 22, 21, 13, 34, 2]
+    assert e.labels == [X, X, X, X, 21, 13, 34, 2]
+    assert not e.cut
+    with pytest.raises(TemplateError, match="no chat template"):
+        encode(Conversation(conv.messages), tok, None)
+    short = enc(conv, tok, max_source_length=2, max_target_length=2)
+    assert short.input_ids == [1, 20, 21, 2]
+    assert short.labels == [X, X, 21, 2]
+    assert short.cut
+
+
+def test_truncation_drops_later_turns_before_cutting_a_turn():
+    conv = chat(("user", "hi"), ("assistant", "hello"), ("user", "bye"), ("assistant", "ok"))
+    e = enc(conv)
+    assert e.turn_ends == [11, 23]
+    kept, cut = truncate(e, 20)
+    assert cut and kept.input_ids == e.input_ids[:11] and kept.labels == e.labels[:11]
+    kept, cut = truncate(e, 9)  # not even the first turn fits: cut inside it
+    assert cut and kept.input_ids == e.input_ids[:9] and kept.labels == e.labels[:9] == [X] * 9
+    kept, cut = truncate(e, 100)
+    assert not cut and kept is e

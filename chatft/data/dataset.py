@@ -115,6 +115,10 @@ def tokenize_conversations(
 ) -> PreparedData:
     """Encode every valid record; a record the template cannot render becomes a located problem."""
     start = time.perf_counter()
+    if not loaded.records:  # nothing valid: datasets.map on an empty dataset adds no columns
+        empty = datasets.Dataset.from_dict({"input_ids": [], "labels": [], "file": [], "record": []})
+        stats = DataStats(records_read=loaded.records_read, invalid=loaded.invalid)
+        return PreparedData(empty, stats, list(loaded.problems), loaded.formats)
     raw = datasets.Dataset.from_dict(
         {
             "file": [f for f, _, _ in loaded.records],

@@ -1,0 +1,222 @@
+"""finetune.py end to end on a tiny model built from a config and the toy tokenizer (CPU, seconds each)."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from toy import make_tokenizer
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from chatft.train import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CHATS = [
+    [("user", "hi"), ("assistant", "hello there")],
+    [("user", "how are you?"), ("assistant", "fine, thanks!")],
+    [("user", "weather?"), ("assistant", "sunny"), ("user", "bye"), ("assistant", "bye!")],
+    [("system", "ok"), ("user", "hi there"), ("assistant", "hello, how are you?")],
+    [("user", "question?"), ("assistant", "answer.")],
+    [("user", "Paris weather?"), ("assistant", "sunny in Paris.")],
+    [("user", "hello"), ("assistant", "hi! how are you?"), ("user", "fine"), ("assistant", "ok, bye")],
+    [("user", "thanks"), ("assistant", "ok!")],
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    d = tmp_path_factory.mktemp("tiny")
+    tok = make_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True, bos_token_id=1, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(d)
+    tok.save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> str:
+    f = tmp_path_factory.mktemp("data") / "chats.jsonl"
+    rows = [{"messages": [{"role": r, "content": c} for r, c in chat]} for chat in CHATS]
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(f)
+
+
+def run(tiny_model, data_file, out, *extra) -> int:
+    argv = [
+        "--model_name_or_path", tiny_model, "--train_file", data_file, "--output_dir", str(out),
+        "--per_device_train_batch_size", "2", "--learning_rate", "1e-2", "--logging_steps", "1",
+        "--report_to", "none", "--seed", "42", "--dataloader_num_workers", "0", *extra,
+    ]  # fmt: skip
+    return main(argv)
+
+
+def logged_losses(out) -> dict[int, float]:
+    state = json.loads((Path(out) / "trainer_state.json").read_text())
+    return {e["step"]: e["loss"] for e in state["log_history"] if "loss" in e}
+
+
+def tensors(path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+@pytest.mark.parametrize(
+    "method,extra",
+    [
+        ("full", []),
+        ("lora", []),
+        ("qlora", []),
+        ("ptuning", ["--pre_seq_len", "4"]),
+        ("ptuning", ["--pre_seq_len", "4", "--prefix_projection", "True"]),
+    ],
+)
+def test_method_end_to_end(tiny_model, data_file, tmp_path, method, extra):
+    out = tmp_path / "out"
+    assert (
+        run(tiny_model, data_file, out, "--method", method, "--max_steps", "3", "--save_steps", "2", *extra)
+        == 0
+    )
+    losses = logged_losses(out)
+    assert sorted(losses) == [1, 2, 3] and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    for folder in (out, out / "checkpoint-2"):
+        assert (folder / "run_args.json").exists() and (folder / "tokenizer.json").exists()
+    assert (out / "loss.png").stat().st_size > 1000
+    run_args = json.loads((out / "run_args.json").read_text())
+    assert run_args["model"]["method"] == method
+
+    base = tensors(Path(tiny_model) / "model.safetensors")
+    if method == "full":
+        trained = tensors(out / "model.safetensors")
+        assert trained.keys() == base.keys()
+        assert all(not torch.equal(trained[k], base[k]) for k in base if "norm" not in k)
+        reloaded = AutoModelForCausalLM.from_pretrained(out)
+        assert reloaded.config.use_cache
+        return
+    # peft methods: the checkpoint is the adapter or prefix alone, far smaller than the base model
+    assert not (out / "model.safetensors").exists()
+    adapter = out / "adapter_model.safetensors"
+    assert adapter.stat().st_size < (Path(tiny_model) / "model.safetensors").stat().st_size / 4
+    final, earlier = tensors(adapter), tensors(out / "checkpoint-2" / "adapter_model.safetensors")
+    assert final.keys() == earlier.keys() and all(not torch.equal(final[k], earlier[k]) for k in final)
+    config = json.loads((out / "adapter_config.json").read_text())
+    if method == "ptuning":
+        assert config["peft_type"] == "PREFIX_TUNING" and config["num_virtual_tokens"] == 4
+    else:
+        assert config["peft_type"] == "LORA"
+        assert all(not torch.equal(v, torch.zeros_like(v)) for k, v in final.items() if "lora_B" in k)
+
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), out)
+    ids = torch.tensor([[3, 17, 11, 20, 4]])
+    assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_gradient_accumulation_equals_bigger_batch(tiny_model, tmp_path):
+    """One SGD step (lr 1, no clipping): the weights after it are w - g, so equal weights mean equal gradients."""
+    data = tmp_path / "four.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"messages": [{"role": r, "content": c} for r, c in chat]}) + "\n"
+            for chat in CHATS[:4]
+        )
+    )
+    common = ["--method", "full", "--max_steps", "1", "--optim", "sgd", "--learning_rate", "1.0",
+              "--max_grad_norm", "0", "--lr_scheduler_type", "constant", "--save_strategy", "no"]  # fmt: skip
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run(tiny_model, str(data), a, *common, "--per_device_train_batch_size", "4") == 0
+    assert (
+        run(
+            tiny_model,
+            str(data),
+            b,
+            *common,
+            "--per_device_train_batch_size",
+            "2",
+            "--gradient_accumulation_steps",
+            "2",
+        )
+        == 0
+    )
+    assert logged_losses(a)[1] == pytest.approx(logged_losses(b)[1], abs=1e-5)
+    wa, wb = tensors(a / "model.safetensors"), tensors(b / "model.safetensors")
+    base = tensors(Path(tiny_model) / "model.safetensors")
+    assert any(not torch.equal(wa[k], base[k]) for k in wa)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+
+
+def test_resume_after_a_kill_reaches_the_same_losses(tiny_model, data_file, tmp_path, capsys):
+    common = ["--method", "lora", "--max_steps", "6", "--save_steps", "2"]
+    full_run, resumed = tmp_path / "full", tmp_path / "resumed"
+    assert run(tiny_model, data_file, full_run, *common) == 0
+    # A run killed after step 2 leaves exactly its checkpoint-2 on disk.
+    resumed.mkdir()
+    shutil.copytree(full_run / "checkpoint-2", resumed / "checkpoint-2")
+    capsys.readouterr()
+    assert run(tiny_model, data_file, resumed, *common, "--resume_from_checkpoint", "auto") == 0
+    assert f"resuming from {resumed / 'checkpoint-2'}" in capsys.readouterr().out
+    a, b = logged_losses(full_run), logged_losses(resumed)  # steps 1-2 come with the checkpoint's state
+    assert sorted(b) == [1, 2, 3, 4, 5, 6]
+    for step in b:
+        assert b[step] == pytest.approx(a[step], abs=1e-4)
+
+
+def test_config_yaml_with_command_line_overriding(tiny_model, data_file, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    out = tmp_path / "out"
+    cfg.write_text(
+        f"model_name_or_path: {tiny_model}\ntrain_file: [{data_file}]\nmethod: lora\nmax_steps: 5\n"
+        f"output_dir: {out}\nreport_to: none\nsave_strategy: 'no'\nlogging_steps: 1\n"
+    )
+    assert main(["--config", str(cfg), "--max_steps", "2"]) == 0
+    assert sorted(logged_losses(out)) == [1, 2]
+
+
+def test_invalid_data_stops_before_the_model_is_loaded(tmp_path, capsys):
+    tokenizer_only = tmp_path / "tok"  # no weights: reaching the model load would fail differently
+    make_tokenizer().save_pretrained(tokenizer_only)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": 3}\n')
+    code = main(
+        [
+            "--model_name_or_path",
+            str(tokenizer_only),
+            "--train_file",
+            str(bad),
+            "--output_dir",
+            str(tmp_path / "o"),
+        ]
+    )
+    captured = capsys.readouterr()
+    assert code == 1
+    assert f"{bad}:1: messages: needs at least one assistant message" in captured.out
+    assert f"{bad}:2: messages: must be a list" in captured.out
+    assert "--skip_invalid_records" in captured.err
+    assert "trainable params" not in captured.out
+
+
+def test_zero3_full_fine_tune_on_two_cpu_processes(tiny_model, data_file, tmp_path):
+    out = tmp_path / "z3"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+        str(ROOT / "finetune.py"), "--model_name_or_path", tiny_model, "--train_file", data_file, "--method", "full",
+        "--deepspeed", str(ROOT / "configs" / "ds_zero3.json"), "--max_steps", "2", "--per_device_train_batch_size",
+        "2", "--output_dir", str(out), "--save_strategy", "no", "--report_to", "none", "--learning_rate", "1e-2",
+    ]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    model = AutoModelForCausalLM.from_pretrained(out)  # gathered ZeRO-3 weights, a plain folder
+    base = tensors(Path(tiny_model) / "model.safetensors")
+    trained = model.state_dict()
+    assert any(not torch.equal(trained[k], base[k]) for k in base)
+    assert (out / "tokenizer.json").exists()

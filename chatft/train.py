@@ -63,7 +63,7 @@ def cpu_distributed(argv: list[str]) -> list[str]:
     needs its communication set up over gloo before the Trainer builds its config."""
     import torch
 
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.cuda.is_available():
+    if "LOCAL_RANK" not in os.environ or torch.cuda.is_available():  # not under torchrun/deepspeed, or a GPU
         return argv
     if "--deepspeed" in argv:
         import deepspeed

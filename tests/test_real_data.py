@@ -27,7 +27,9 @@ def ruozhiba() -> list[dict]:
 
 def as_format(fmt: str, q: str, a: str) -> dict:
     return {
-        "multi-turn": lambda: {"conversations": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]},
+        "multi-turn": lambda: {
+            "conversations": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        },
         "input-output": lambda: {"prompt": q, "response": a},
         "openai": lambda: {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]},
         "sharegpt": lambda: {"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]},
@@ -51,7 +53,12 @@ def test_ruozhiba_alpaca_as_shipped_runs_clean():
 def test_ruozhiba_converted_runs_clean(tmp_path, fmt):
     records = ruozhiba()[:300]
     f = tmp_path / "data.jsonl"
-    f.write_text("".join(json.dumps(as_format(fmt, r["instruction"], r["output"]), ensure_ascii=False) + "\n" for r in records))
+    f.write_text(
+        "".join(
+            json.dumps(as_format(fmt, r["instruction"], r["output"]), ensure_ascii=False) + "\n"
+            for r in records
+        )
+    )
     r = check_data("--train_file", str(f), "--train_format", fmt)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "records read: 300, valid: 300, invalid: 0" in r.stdout
@@ -72,7 +79,10 @@ def test_multi_turn_dump_equals_apply_chat_template_token_for_token(tmp_path):
     for i in range(0, len(records), 2):  # two-turn conversations, a system prompt on every other one
         msgs = [{"role": "system", "content": "你是一个认真的助手。"}] if i % 4 == 0 else []
         for r in records[i : i + 2]:
-            msgs += [{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}]
+            msgs += [
+                {"role": "user", "content": r["instruction"]},
+                {"role": "assistant", "content": r["output"]},
+            ]
         convs.append(msgs)
     f = tmp_path / "multi.jsonl"
     f.write_text("".join(json.dumps({"conversations": c}, ensure_ascii=False) + "\n" for c in convs))
@@ -86,7 +96,11 @@ def test_multi_turn_dump_equals_apply_chat_template_token_for_token(tmp_path):
     for row, conv in zip(rows, convs, strict=True):
         assert row["input_ids"] == tok.apply_chat_template(conv, tokenize=True, return_dict=False)
         # exactly the assistant completions and their <|im_end|> are trained
-        trained_text = tok.decode([t for t, label in zip(row["input_ids"], row["labels"]) if label != -100])
+        trained_text = tok.decode(
+            [t for t, label in zip(row["input_ids"], row["labels"], strict=True) if label != -100]
+        )
         answers = [m["content"] for m in conv if m["role"] == "assistant"]
         assert trained_text == "".join(a + "<|im_end|>" for a in answers)
-        assert sum(1 for t, label in zip(row["input_ids"], row["labels"]) if label == im_end) == len(answers)
+        assert sum(
+            1 for t, label in zip(row["input_ids"], row["labels"], strict=True) if label == im_end
+        ) == len(answers)

@@ -1,0 +1,108 @@
+"""The README's walkthroughs, run as written but reduced (few steps, few records) on the real model and data."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from chatft.demo_model import DEFAULT_MODEL_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+
+pytestmark = [
+    pytest.mark.real_model,
+    pytest.mark.skipif(not SHARED.exists(), reason="../shared/data is not there"),
+    pytest.mark.skipif(not DEFAULT_MODEL_DIR.exists(), reason="run scripts/get_demo_model.sh first"),
+]
+
+
+def sh(cmd: str, **env: str) -> str:
+    """Run a README line in bash from the repo root; fail with its output if it fails."""
+    r = subprocess.run(
+        ["bash", "-c", cmd], cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, **env}
+    )
+    assert r.returncode == 0, f"{cmd}\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+    return r.stdout
+
+
+def losses(out: Path) -> list[float]:
+    state = json.loads((out / "trainer_state.json").read_text())
+    return [e["loss"] for e in state["log_history"] if "loss" in e]
+
+
+def test_advertisegen_ptuning_predict_and_score(tmp_path):
+    data, dev, out = tmp_path / "ad.jsonl", tmp_path / "dev.jsonl", tmp_path / "pt"
+    sh(f"python scripts/format_advertise_gen.py --path ../shared/data/AdvertiseGen/train.json --out {data}")
+    sh(
+        f"python scripts/format_advertise_gen.py --path ../shared/data/AdvertiseGen/dev.json --out {tmp_path / 'd'}"
+    )
+    sh(f"head -n 3 {tmp_path / 'd'} > {dev}")
+    sh(
+        "bash scripts/finetune_pt.sh",
+        DATASET_PATH=str(data), OUTPUT_DIR=str(out), MAX_STEP="2", DEV_BATCH_SIZE="2", GRAD_ACCUMULATION_STEPS="1",
+        PRE_SEQ_LEN="8", MAX_SOURCE_LEN="64", MAX_TARGET_LEN="32",
+    )  # fmt: skip
+    assert len(losses(out)) == 2 and (out / "adapter_model.safetensors").exists()
+    pred = tmp_path / "pred.jsonl"
+    stdout = sh(
+        f"python inference.py --pt-checkpoint {out} --input_file {dev} --output_file {pred} --max_new_tokens 8 --eval"
+    )
+    rows = [json.loads(line) for line in pred.read_text().splitlines()]
+    assert len(rows) == 3 and all(r["prediction"] is not None for r in rows)
+    for name in ("rouge-1", "rouge-2", "rouge-l", "bleu-4"):
+        assert name in stdout
+
+
+def test_tool_alpaca_multiturn_ptuning_then_chat(tmp_path):
+    data, out = tmp_path / "tool.jsonl", tmp_path / "pt"
+    r = subprocess.run(
+        ["python", "scripts/format_tool_alpaca.py", "--path", "data/raw/tool_alpaca_sample.json", "--out", str(data)],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert r.returncode == 1 and "written 4, invalid 1" in r.stdout  # the broken sample instance is reported
+    sh(
+        "bash scripts/finetune_pt_multiturn.sh",
+        DATASET_PATH=str(data), OUTPUT_DIR=str(out), MAX_STEP="2", DEV_BATCH_SIZE="2", GRAD_ACCUMULATION_STEPS="1",
+        PRE_SEQ_LEN="8", MAX_SEQ_LEN="512",
+    )  # fmt: skip
+    assert len(losses(out)) == 2
+    question = json.loads(data.read_text().splitlines()[0])["conversations"][0]["content"]
+    answer = sh(
+        f"python inference.py --pt-checkpoint {out} --prompt {json.dumps(question)} --max_new_tokens 8"
+    )
+    assert answer.strip()
+
+
+def test_ruozhiba_quickstart_reduced(tmp_path):
+    stdout = sh(
+        "bash scripts/quickstart.sh",
+        WORK=str(tmp_path / "qs"), STEPS="2", BATCH="2", N_HELDOUT="2", MAX_NEW_TOKENS="8",
+    )  # fmt: skip
+    assert "read 1475" in stdout and "train 1033, test 442" in stdout
+    assert "loss curve:" in stdout and (tmp_path / "qs" / "lora" / "loss.png").exists()
+    assert len((tmp_path / "qs" / "tuned.jsonl").read_text().splitlines()) == 2
+
+
+def test_xtuner_openai_messages_with_loss_flags(tmp_path):
+    dump = tmp_path / "dump.jsonl"
+    sh(f"python scripts/check_data.py --train_file data/openai_messages.jsonl --dump {dump}")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR)
+    second = json.loads(dump.read_text().splitlines()[1])  # its first answer has "loss": false
+    trained = tok.decode(
+        [t for t, label in zip(second["input_ids"], second["labels"], strict=True) if label != -100]
+    )
+    assert (
+        trained
+        == "长城是中国古代修建的军事防御工程，东起山海关、西至嘉峪关，绵延数千公里，是世界文化遗产。<|im_end|>"
+    )
+    sh(
+        "bash scripts/finetune_lora.sh",
+        DATASET_PATH="data/openai_messages.jsonl", OUTPUT_DIR=str(tmp_path / "lora"), MAX_STEP="2",
+        DEV_BATCH_SIZE="2", GRAD_ACCUMULATION_STEPS="1",
+    )  # fmt: skip
+    assert len(losses(tmp_path / "lora")) == 2

@@ -39,10 +39,10 @@ from chatft.data.templates import (
     NATIVE_TEMPLATES,
     Template,
     TemplateError,
-    _with_prefix_tokens,
     get_template,
-    template_supports_tools,
+    render_generation_prompt,
     tool_call_text,
+    with_prefix_tokens,
 )
 from chatft.demo_model import DEFAULT_MODEL_DIR
 from chatft.metrics import METRIC_NAMES, score
@@ -573,24 +573,14 @@ def render_prompt(session: Session, conv: Conversation) -> tuple[str, list[int]]
     tokenizer = session.tokenizer
     if conv.raw:
         text = conv.messages[-1].content
-        return text, _with_prefix_tokens(tokenizer, text)
+        return text, with_prefix_tokens(tokenizer, text)
     template = session.template
     if template is None:
         raise TemplateError(
             "the tokenizer has no chat template and this record is a chat: choose one with --template "
             f"({', '.join(NATIVE_TEMPLATES)})"
         )
-    rendered = template.to_dicts(conv, template_supports_tools(template, tokenizer))
-    try:
-        text = tokenizer.apply_chat_template(
-            rendered.messages,
-            tools=rendered.tools,
-            chat_template=template.chat_template,
-            add_generation_prompt=True,
-            tokenize=False,
-        )
-    except Exception as e:  # jinja raises whatever the template's author chose
-        raise TemplateError(f"the chat template failed to render: {_one_line(e)}") from e
+    text = render_generation_prompt(conv, tokenizer, template)
     return text, tokenizer(text, add_special_tokens=False)["input_ids"]
 
 

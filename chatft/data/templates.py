@@ -205,6 +205,15 @@ def _render(tokenizer, template: Template, msgs: list[dict], tools: Any, generat
         raise TemplateError(f"the chat template failed to render: {e}") from e
 
 
+def render_generation_prompt(
+    conv: Conversation, tokenizer: PreTrainedTokenizerBase, template: Template
+) -> str:
+    """What inference encodes: the conversation so far and the header of the assistant turn to generate, rendered
+    exactly as training rendered it (same message dicts, same template)."""
+    r = template.to_dicts(conv, template_supports_tools(template, tokenizer))
+    return _render(tokenizer, template, r.messages, r.tools, True)
+
+
 def _special_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
     ids = set(tokenizer.all_special_ids)
     ids.update(i for i, tok in tokenizer.added_tokens_decoder.items() if tok.special)
@@ -281,7 +290,7 @@ def encode_raw(
     response and EOS trained. Prompt and response are tokenized apart, as at inference the prompt is encoded
     alone and the model continues it."""
     prompt, response = conv.messages[0].content, conv.messages[1].content
-    a = _with_prefix_tokens(tokenizer, prompt)
+    a = with_prefix_tokens(tokenizer, prompt)
     b = tokenizer(response, add_special_tokens=False)["input_ids"]
     n_a, n_b = len(a), len(b)
     if max_source_length is not None:
@@ -293,7 +302,7 @@ def encode_raw(
     return Encoded(a + b, [IGNORE_INDEX] * len(a) + b, [len(a) + len(b)], cut)
 
 
-def _with_prefix_tokens(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+def with_prefix_tokens(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     """text's ids with the special tokens the tokenizer puts before it, and none it would put after (an EOS
     after the prompt would tell the model the conversation is over)."""
     plain = tokenizer(text, add_special_tokens=False)["input_ids"]

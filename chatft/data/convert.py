@@ -26,8 +26,9 @@ from typing import Any, TypeVar
 from chatft.data.formats import (
     FORMAT_NAMES,
     DataFileError,
-    detect_format,
+    LoadedData,
     expand_paths,
+    load_file,
     parse_record,
     read_records,
 )
@@ -337,41 +338,17 @@ def read_valid(
     rules (parse_record). Bad records become located Problems, never exceptions; DataFileError for a bad path."""
     if fmt != "auto" and fmt not in FORMAT_NAMES:
         raise ValueError(f"format must be auto or one of {', '.join(FORMAT_NAMES)}; got {fmt!r}")
-    data = ReadData()
+    data, loaded = ReadData(), LoadedData()
+    raw: dict[str, dict[int, Any]] = {}
     for path in expand_paths(paths):
         name = str(path)
         data.files.append(name)
         items = [_renamed(name, item, renames or {}) for item in read_records(path)]
-        data.read += len(items)
-        used = _file_format(name, items, fmt, data, log)
-        for item in items if used else []:
-            if isinstance(item, Problem):
-                data.problems.append(item)
-                continue
-            try:
-                data.records.append((name, item[0], item[1], parse_record(item[1], used)))
-            except RecordError as e:
-                data.problems.append(Problem(name, item[0], e.field, e.message))
+        raw[name] = {item[0]: item[1] for item in items if not isinstance(item, Problem)}
+        load_file(name, items, fmt, log, loaded)
+    data.records = [(name, line, raw[name][line], conv) for name, line, conv in loaded.records]
+    data.problems, data.formats, data.read = loaded.problems, loaded.formats, loaded.records_read
     return data
-
-
-def _file_format(name: str, items: list, fmt: str, data: ReadData, log: Callable[[str], Any]) -> str | None:
-    """The format to read a file's records with; None (and one Problem) for a file whose format is unknown."""
-    if not items:
-        log(f"{name}: no records")
-        return None
-    first = next((i for i in items if not isinstance(i, Problem) and isinstance(i[1], dict)), None)
-    if first is None:  # no record is a JSON object: every reader reports each one the same way
-        log(f"{name}: no JSON object records")
-        return FORMAT_NAMES[0]
-    used = fmt if fmt != "auto" else detect_format(first[1])
-    if used is None:
-        log(f"{name}: format unknown, file skipped")
-        data.problems.append(Problem(name, first[0], "(format)", _UNDETECTED))
-        return None
-    data.formats[name] = used
-    log(f"{name}: format {used} ({'detected' if fmt == 'auto' else 'given'})")
-    return used
 
 
 _UNDETECTED = (

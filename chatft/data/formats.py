@@ -155,13 +155,14 @@ def load_conversations(paths: list[str], fmt: str = "auto", log: Callable[[str],
         raise ValueError(f"format must be auto or one of {', '.join(FORMAT_NAMES)}; got {fmt!r}")
     loaded = LoadedData()
     for path in expand_paths(paths):
-        _load_file(str(path), list(read_records(path)), fmt, log, loaded)
+        load_file(str(path), list(read_records(path)), fmt, log, loaded)
     return loaded
 
 
-def _load_file(
+def load_file(
     name: str, items: list[tuple[int, Any] | Problem], fmt: str, log: Callable, loaded: LoadedData
 ) -> None:
+    """Add one file's records (as read_records gives them) to `loaded`, with the format given or detected."""
     loaded.records_read += len(items)
     if not items:
         log(f"{name}: no records")

@@ -738,8 +738,6 @@ def predict_file(
 ) -> int:
     """Predict the last assistant message of every valid record into output_file (JSONL); invalid records
     are listed with their FILE:LINE and counted. Returns the number of predictions written."""
-    from tqdm import tqdm
-
     try:
         loaded = load_conversations(input_files, input_format, log=_stderr)
     except ValueError as e:
@@ -750,20 +748,42 @@ def predict_file(
         _stderr(f"invalid record: {problem}")
     out = Path(output_file)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with (
-        out.open("w", encoding="utf-8") as f,
-        tqdm(total=len(items), desc="predicting", file=sys.stderr) as bar,
-    ):
-        for batch in _chunks(items, batch_size):
-            for item, new_ids in zip(batch, generate(session, [i.ids for i in batch], options), strict=True):
-                row = {"file": item.file, "record": item.record, "prompt": item.prompt}
-                row |= {"reference": item.reference, "prediction": decode(session, new_ids)}
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    with out.open("w", encoding="utf-8") as f:
+        for row in predict_items(session, options, items, batch_size):
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
             f.flush()
-            bar.update(len(batch))
     invalid = f"; {len(problems)} invalid record(s) skipped, listed above" if problems else ""
     _stderr(f"{len(items)} prediction(s) written to {output_file}{invalid}")
     return len(items)
+
+
+def predict_items(
+    session: Session, options: GenerationOptions, items: list[PromptItem], batch_size: int
+) -> Iterator[dict]:
+    """{"file", "record", "prompt", "reference", "prediction"} per item, generated in batches (progress bar)."""
+    from tqdm import tqdm
+
+    with tqdm(total=len(items), desc="predicting", file=sys.stderr) as bar:
+        for batch in _chunks(items, batch_size):
+            for item, new_ids in zip(batch, generate(session, [i.ids for i in batch], options), strict=True):
+                row = {"file": item.file, "record": item.record, "prompt": item.prompt}
+                yield row | {"reference": item.reference, "prediction": decode(session, new_ids)}
+            bar.update(len(batch))
+
+
+def generation_scores(
+    model: Any,
+    tokenizer: Any,
+    template: Template | None,
+    records: list[tuple[str, int, Conversation]],
+    max_new_tokens: int,
+    batch_size: int,
+) -> dict[str, float]:
+    """ROUGE/BLEU of greedy answers to the records' last assistant turns, for evaluation during training."""
+    session = Session(model, tokenizer, template, False, stop_token_ids(tokenizer), str(model.device))
+    items, _ = prompt_items(session, records)
+    rows = list(predict_items(session, GenerationOptions(max_new_tokens), items, batch_size))
+    return score([r["prediction"] for r in rows], [r["reference"] for r in rows])
 
 
 def prompt_items(

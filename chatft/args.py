@@ -97,6 +97,30 @@ class DataArguments:
     skip_invalid_records: bool = field(
         default=False, metadata={"help": "Skip invalid records (counted and listed) instead of stopping."}
     )
+    packing: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Pack whole examples into rows of up to max_seq_length tokens (padding-free, each example "
+            "attending only to itself; a batch item is then a row). Default: on for full, lora and qlora; "
+            "ptuning cannot pack and pads instead."
+        },
+    )
+    preprocessing_cache: bool = field(
+        default=True,
+        metadata={
+            "help": "Keep the tokenized data on disk, keyed by the data files' content, the tokenizer, template, "
+            "format and length settings; a later run with the same ones loads it instead of tokenizing."
+        },
+    )
+    preprocessing_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder of that cache (default: $CHATFT_CACHE, else ~/.cache/chatft/preprocessed)."
+        },
+    )
+    overwrite_cache: bool = field(
+        default=False, metadata={"help": "Tokenize afresh even when the cache has the data (and rewrite it)."}
+    )
 
     def __post_init__(self) -> None:
         if self.train_format not in FORMATS:

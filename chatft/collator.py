@@ -1,4 +1,8 @@
-"""Batching: dynamic padding to the longest example of the batch (never to max_seq_length)."""
+"""Batching: dynamic padding to the longest example of the batch (never to max_seq_length), or packed rows.
+
+PackedCollator also returns `num_examples` and `num_tokens` (real, non-pad tokens) for the step statistics;
+chatft.train.ChatTrainer takes them out before the forward, so use it with that Trainer.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,13 @@ from dataclasses import dataclass
 import torch
 
 from chatft.data.templates import IGNORE_INDEX
+from chatft.packing import PACKED_SDPA, position_ids_for
+
+# attention backends that take a whole batch flattened into one row (flash and chatft's packed sdpa: one causal
+# attention per example over cu_seqlens; flex: a block mask built from the position ids), so a packed batch needs
+# no padding at all
+FLATTENING_BACKENDS = ("flash_attention_2", "flash_attention_3", "flex_attention", PACKED_SDPA)
+CU_SEQLENS_BACKENDS = ("flash_attention_2", "flash_attention_3", PACKED_SDPA)
 
 
 @dataclass
@@ -30,3 +41,59 @@ class PadCollator:
             "labels": torch.tensor(labels, dtype=torch.long),
             "attention_mask": torch.tensor(mask, dtype=torch.long),
         }
+
+
+@dataclass
+class PackedCollator:
+    """Packed rows (chatft.packing.PackedDataset items) -> input_ids, labels, position_ids; no attention_mask.
+
+    Rows are padded to the longest row of the batch; the padding restarts the position ids, so it is a segment of
+    its own. flatten=True (flash / flex / chatft's packed sdpa) puts the whole batch in one row instead: no padding
+    at all, and with flash_kwargs the sequence boundaries also go in explicitly as cu_seq_lens (no inference per
+    layer).
+    """
+
+    pad_token_id: int
+    flatten: bool = False
+    flash_kwargs: bool = False
+
+    @classmethod
+    def for_backend(cls, pad_token_id: int, attn_implementation: str | None) -> PackedCollator:
+        impl = attn_implementation or "sdpa"
+        return cls(
+            pad_token_id, flatten=impl in FLATTENING_BACKENDS, flash_kwargs=impl in CU_SEQLENS_BACKENDS
+        )
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        num_examples = sum(len(f["seq_lens"]) for f in features)
+        num_tokens = sum(len(f["input_ids"]) for f in features)
+        if self.flatten:
+            rows = [
+                (
+                    [t for f in features for t in f["input_ids"]],
+                    [t for f in features for t in f["labels"]],
+                    [n for f in features for n in f["seq_lens"]],
+                )
+            ]
+        else:
+            rows = [(f["input_ids"], f["labels"], f["seq_lens"]) for f in features]
+        longest = max(len(ids) for ids, _, _ in rows)
+        input_ids, labels, positions = [], [], []
+        for ids, lab, seq_lens in rows:
+            pad = longest - len(ids)
+            input_ids.append(list(ids) + [self.pad_token_id] * pad)
+            labels.append(list(lab) + [IGNORE_INDEX] * pad)
+            positions.append(position_ids_for(list(seq_lens) + ([pad] if pad else [])))
+        batch = {
+            "input_ids": torch.tensor(input_ids, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "position_ids": torch.tensor(positions, dtype=torch.long),
+            "num_examples": torch.tensor(num_examples, dtype=torch.long),
+            "num_tokens": torch.tensor(num_tokens, dtype=torch.long),
+        }
+        if self.flash_kwargs:
+            seq_lens = rows[0][2]
+            cu = torch.tensor([0, *seq_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+            batch["cu_seq_lens_q"] = batch["cu_seq_lens_k"] = cu
+            batch["max_length_q"] = batch["max_length_k"] = max(seq_lens)
+        return batch

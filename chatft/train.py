@@ -3,6 +3,15 @@
 Defaults that differ from transformers' TrainingArguments (everything else is the Trainer's own):
 - output_dir "output/finetune", logging_steps 10, save_steps 100, remove_unused_columns False (our datasets
   hold only what the model takes), report_to none unless asked.
+- prediction_loss_only True: evaluation computes the loss only (no logits gathered over the eval set).
+- Added: chunked_loss True / loss_chunk_size (chatft.loss: the loss at trained positions only, LM head in
+  chunks), group_by_length True (padded batches only: examples of similar length batched together).
+- activation_checkpointing: unset means "auto": on only where a step would not fit comfortably without it
+  (auto_checkpointing); never for ptuning.
+- --packing (DataArguments): unset means on for full / lora / qlora, off for ptuning (which cannot pack).
+  With packing, one batch item is a packed row of up to max_seq_length tokens, not an example; the log shows
+  examples_per_step, tokens_per_step and trained_tokens_per_step so that packed and padded runs compare.
+Why these defaults: bench/RESULTS.md (measured on this project's CPU).
 """
 
 from __future__ import annotations
@@ -14,28 +23,69 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments, Trainer, TrainerCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from chatft.args import DataArguments, ModelArguments
-from chatft.collator import PadCollator
+from chatft.collator import PackedCollator, PadCollator
 from chatft.data.check import report_lines
 from chatft.data.dataset import PreparedData, prepare_data
 from chatft.data.formats import DataFileError
-from chatft.data.templates import TemplateError
+from chatft.data.templates import IGNORE_INDEX, TemplateError
+from chatft.loss import DEFAULT_CHUNK_SIZE, causal_lm_loss, unsupported_reason
 from chatft.methods import load_model, load_tokenizer
+from chatft.packing import PackedDataset, register_packed_sdpa
 from chatft.plot import plot_loss
 
 RUN_ARGS_FILE = "run_args.json"
+DEFAULT_CACHE_DIR = "~/.cache/chatft/preprocessed"
+
+# --activation_checkpointing unset ("auto"): on only where it pays, i.e. where a step's activations would not fit
+# comfortably without it. It costs ~25-30 % more time per step and halves the peak memory (bench/RESULTS.md), so
+# with memory to spare it is a pure loss. ptuning never (peft's prefix cache forbids it).
+AUTO_CHECKPOINTING_SHARE = 0.5  # on when the estimated peak exceeds this share of the memory available
 
 
 @dataclass
 class TrainArguments(Seq2SeqTrainingArguments):
-    output_dir: str = field(default="output/finetune", metadata={"help": "Where checkpoints and the model go."})
+    output_dir: str = field(
+        default="output/finetune", metadata={"help": "Where checkpoints and the model go."}
+    )
     logging_steps: float = field(default=10, metadata={"help": "Log the loss every N steps."})
     save_steps: float = field(default=100, metadata={"help": "Save a checkpoint every N steps."})
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: datasets hold model inputs."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Kept False: datasets hold model inputs."}
+    )
+    prediction_loss_only: bool = field(
+        default=True,
+        metadata={"help": "Evaluation computes the loss only (no logits kept over the eval set)."},
+    )
+    chunked_loss: bool = field(
+        default=True,
+        metadata={
+            "help": "Compute the loss only at trained positions, the LM head in chunks (never the full-vocabulary "
+            "logits of the batch); False: the model's own loss."
+        },
+    )
+    loss_chunk_size: int = field(
+        default=DEFAULT_CHUNK_SIZE, metadata={"help": "Trained positions per LM-head chunk (--chunked_loss)."}
+    )
+    group_by_length: bool = field(
+        default=True,
+        metadata={
+            "help": "Padded batches (no packing): batch examples of similar length together (the Trainer's "
+            "train_sampling_strategy group_by_length), unless another train_sampling_strategy is given."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        # unset (None) activation checkpointing means "auto" (AUTO_CHECKPOINTING); the Trainer turns None into False
+        self.checkpointing_auto = (
+            self.activation_checkpointing is None and self.gradient_checkpointing is None
+        )
+        super().__post_init__()
 
 
 def make_parser() -> HfArgumentParser:
@@ -79,13 +129,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
         if i + 1 >= len(argv):
             raise ValueError("--config needs a YAML file")
         argv = yaml_to_argv(argv[i + 1]) + argv[:i] + argv[i + 2 :]
-    model_args, data_args, training_args = make_parser().parse_args_into_dataclasses(args=cpu_distributed(argv))
+    model_args, data_args, training_args = make_parser().parse_args_into_dataclasses(
+        args=cpu_distributed(argv)
+    )
     if not data_args.train_file:
         raise ValueError("--train_file is required (one or more .json/.jsonl files or directories)")
     return model_args, data_args, training_args
 
 
-def load_split(name: str, files: list[str], data_args: DataArguments, model_args: ModelArguments, tokenizer, log):
+def load_split(
+    name: str, files: list[str], data_args: DataArguments, model_args: ModelArguments, tokenizer, log
+):
     log(f"--- {name} data ---")
     prepared = prepare_data(
         files,
@@ -97,10 +151,223 @@ def load_split(name: str, files: list[str], data_args: DataArguments, model_args
         data_args.max_target_length,
         data_args.preprocessing_num_workers,
         log=log,
+        cache_dir=preprocessing_cache_dir(data_args),
+        overwrite_cache=data_args.overwrite_cache,
     )
     for line in report_lines(prepared, tokenizer):
         log(line)
     return prepared
+
+
+def preprocessing_cache_dir(data_args: DataArguments) -> str | None:
+    if not data_args.preprocessing_cache:
+        return None
+    return data_args.preprocessing_cache_dir or os.environ.get("CHATFT_CACHE") or DEFAULT_CACHE_DIR
+
+
+def resolve_packing(model_args: ModelArguments, data_args: DataArguments, log) -> bool:
+    """--packing unset: on wherever it is safe (every method but ptuning)."""
+    if model_args.method == "ptuning":
+        if data_args.packing is not False:
+            log(
+                "packing: off. P-Tuning v2 cannot pack (its prefix is a key/value cache, which turns off the "
+                "per-example attention); batches are padded to their longest example instead."
+            )
+        return False
+    return data_args.packing is not False
+
+
+def resolve_checkpointing(
+    model_args: ModelArguments, data_args: DataArguments, training_args: TrainArguments, log
+) -> None:
+    if not getattr(training_args, "checkpointing_auto", False):
+        return
+    on, why = auto_checkpointing(model_args, training_args, data_args.max_seq_length)
+    training_args.gradient_checkpointing = on
+    if hasattr(training_args, "activation_checkpointing"):
+        training_args.activation_checkpointing = on
+    log(f"activation checkpointing: {'on' if on else 'off'} ({why})")
+
+
+def auto_checkpointing(
+    model_args: ModelArguments,
+    training_args: TrainArguments,
+    max_seq_length: int,
+    available: int | None = None,
+) -> tuple[bool, str]:
+    """(on, why): on when weights + optimizer state + the activations of a step of batch x max_seq_length tokens,
+    estimated from the model's config, exceed AUTO_CHECKPOINTING_SHARE of the memory available (the GPU's, else
+    the machine's)."""
+    if model_args.method == "ptuning":
+        return False, "P-Tuning v2 cannot use it"
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_args.model_name_or_path)
+        config = getattr(config, "text_config", None) or config
+        h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+        vocab = config.vocab_size
+    except (OSError, ValueError, AttributeError, TypeError):
+        return False, "auto: no estimate for this model, off"
+    tokens = training_args.per_device_train_batch_size * max_seq_length
+    half = training_args.bf16 or training_args.fp16
+    act_bytes = 2 if half else 4
+    # per token and layer the backward keeps ~10 hidden-sized and ~4 intermediate-sized tensors (fitted to
+    # SmolLM2-135M's measured peak RSS, bench/RESULTS.md)
+    activations = tokens * layers * (10 * h + 4 * inter) * act_bytes
+    params = layers * (4 * h * h + 3 * h * inter) + vocab * h
+    per_param = {"full": 16, "lora": 2 if half else 4, "qlora": 0.6}.get(model_args.method, 4)
+    needed = activations + params * per_param
+    if available is None:
+        available = available_memory()
+    if not available:
+        return False, "auto: available memory unknown, off"
+    on = needed > AUTO_CHECKPOINTING_SHARE * available
+    gib = 2**30
+    return on, (
+        f"auto: a step needs ~{needed / gib:.1f} GiB (activations {activations / gib:.1f}) of "
+        f"{available / gib:.1f} GiB available"
+    )
+
+
+def available_memory() -> int | None:
+    """Bytes: the current GPU's total memory, else the machine's MemAvailable."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def training_datasets(
+    train: PreparedData, evaluation: PreparedData | None, packing: bool, data_args, training_args, log
+):
+    """The datasets the Trainer gets: packed rows, or examples (with a length column to group them by)."""
+    if packing:
+        packed_train = PackedDataset(train.dataset, data_args.max_seq_length, train.stats.lengths)
+        log(packed_train.summary())
+        per_step = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+        per_step *= max(1, training_args.world_size)
+        rows_per_example = len(packed_train) / max(1, len(packed_train.lengths))
+        log(
+            f"packing: a step is {per_step} rows, about {per_step / max(rows_per_example, 1e-9):.1f} examples "
+            "(logged as examples_per_step)"
+        )
+        packed_eval = (
+            PackedDataset(evaluation.dataset, data_args.max_seq_length, evaluation.stats.lengths)
+            if evaluation
+            else None
+        )
+        return packed_train, packed_eval
+    columns = ["input_ids", "labels"]
+    train_set = train.dataset.select_columns(columns)
+    if training_args.group_by_length and training_args.train_sampling_strategy == "random":
+        training_args.train_sampling_strategy = "group_by_length"
+    if training_args.train_sampling_strategy in ("group_by_length", "batch_rebalance"):
+        train_set = train_set.add_column(training_args.length_column_name, train.stats.lengths)
+    log(
+        f"batches: padded to the longest example of each batch, sampling {training_args.train_sampling_strategy}"
+    )
+    return train_set, evaluation.dataset.select_columns(columns) if evaluation else None
+
+
+def packed_attention(model, attn_implementation: str, log) -> str:
+    """The attention a packed run uses: sdpa becomes chatft's packed sdpa (one causal sdpa call per example, no
+    block-diagonal mask over the row; chatft.packing), the others stay (their isolation comes from the position
+    ids: eager and flex get a block mask, flash its varlen kernel)."""
+    if (attn_implementation or "sdpa") != "sdpa":
+        return attn_implementation
+    name = register_packed_sdpa()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.set_attn_implementation(name)
+    log("packing: attention by torch sdpa, causal, once per example (no block mask over the row)")
+    return name
+
+
+class ChatTrainer(Trainer):
+    """The Trainer with chatft.loss (loss at trained positions, LM head in chunks) and step statistics.
+
+    Logged with the loss: examples_per_step, tokens_per_step (non-pad) and trained_tokens_per_step, summed over
+    processes; at the end: train_examples, train_tokens, train_trained_tokens and their rates per second.
+    """
+
+    def __init__(self, *args, chunked_loss: bool = True, loss_chunk_size: int = DEFAULT_CHUNK_SIZE, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_chunk_size = loss_chunk_size
+        reason = unsupported_reason(self.accelerator.unwrap_model(self.model)) if chunked_loss else None
+        if reason and self.is_world_process_zero():
+            print(f"chunked loss: off, {reason}; using the model's own loss")
+        self.chunked_loss = chunked_loss and reason is None
+        if self.chunked_loss:
+            # chatft.loss divides by num_items_in_batch itself: have the Trainer count it, and not rescale
+            self.model_accepts_loss_kwargs = True
+        # examples, tokens (non-pad), trained tokens, positions (with padding) since the last log / in all
+        self._window = torch.zeros(4, dtype=torch.long)
+        self._total = torch.zeros(4, dtype=torch.long)
+        self._window_start = None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        num_examples = inputs.pop("num_examples", None)
+        num_tokens = inputs.pop("num_tokens", None)
+        if model.training:
+            self._count(inputs, num_examples, num_tokens)
+        if not self.chunked_loss:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        labels = inputs.pop("labels")
+        loss, outputs = causal_lm_loss(model, inputs, labels, num_items_in_batch, self.loss_chunk_size)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # num_items_in_batch counts every process's tokens, and the gradients are averaged over processes
+            loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
+
+    def _count(self, inputs, num_examples, num_tokens) -> None:
+        labels = inputs["labels"]
+        if num_examples is None:
+            num_examples = labels.shape[0]
+            mask = inputs.get("attention_mask")
+            num_tokens = mask.sum() if mask is not None else labels.numel()
+        trained = (labels[..., 1:] != IGNORE_INDEX).sum()
+        counts = [num_examples, num_tokens, trained, labels.numel()]
+        counts = torch.stack([torch.as_tensor(x, device=labels.device).reshape(()) for x in counts])
+        self._window = self._window.to(labels.device) + counts
+        if self._window_start is None:
+            self._window_start = self.state.global_step
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # every process calls log() at the same points of training, so the sums over processes are safe here
+        if "loss" in logs and self._window_start is not None:
+            steps = max(1, self.state.global_step - self._window_start)
+            window = self._flush()
+            for name, value in zip(("examples", "tokens", "trained_tokens"), window[:3], strict=True):
+                logs[f"{name}_per_step"] = round(value / steps, 2)
+        if "train_runtime" in logs:
+            self._flush()  # steps after the last logged one
+            runtime = logs["train_runtime"] or 1.0
+            examples, tokens, trained, positions = self._total.tolist()
+            for name, value in (("examples", examples), ("tokens", tokens), ("trained_tokens", trained)):
+                logs[f"train_{name}"] = value
+                logs[f"train_{name}_per_second"] = round(value / runtime, 3)
+            logs["train_padding_share"] = round(1 - tokens / positions, 4) if positions else 0.0
+        super().log(logs, start_time)
+
+    def _flush(self) -> list[int]:
+        """The counts since the last flush, summed over processes, added to the totals."""
+        window = self._window
+        if self.accelerator.num_processes > 1:
+            window = self.accelerator.reduce(window, reduction="sum")
+        window = window.cpu()
+        self._total += window
+        self._window = torch.zeros_like(self._window)
+        self._window_start = self.state.global_step
+        return window.tolist()
 
 
 def data_refused(prepared: PreparedData, data_args: DataArguments) -> str | None:
@@ -135,7 +402,9 @@ def write_run_args(folder: Path, run_args: dict) -> None:
 def resolve_resume(training_args: TrainArguments) -> str | None:
     resume = training_args.resume_from_checkpoint
     if resume == "auto":
-        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        last = (
+            get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        )
         print(f"resuming from {last}" if last else "no checkpoint to resume from: starting fresh")
         return last
     if resume and not os.path.isdir(resume):
@@ -168,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
         if refusal:
             print(f"error: {refusal}", file=sys.stderr)
             return 1
+    packing = resolve_packing(model_args, data_args, log)
+    resolve_checkpointing(model_args, data_args, training_args, log)
     if evaluation is not None and training_args.eval_strategy == "no":
         training_args.eval_strategy = "steps"
         training_args.eval_steps = training_args.eval_steps or training_args.save_steps
@@ -185,18 +456,29 @@ def main(argv: list[str] | None = None) -> int:
         "data": dataclasses.asdict(data_args),
         "training": training_args.to_dict(),
     }
-    columns = ["input_ids", "labels"]
-    trainer = Trainer(
+    train_set, eval_set = training_datasets(train, evaluation, packing, data_args, training_args, log)
+    if packing:
+        attn = packed_attention(model, model_args.attn_implementation, log)
+        collator = PackedCollator.for_backend(tokenizer.pad_token_id, attn)
+    else:
+        collator = PadCollator(tokenizer.pad_token_id)
+    trainer = ChatTrainer(
         model=model,
         args=training_args,
-        train_dataset=train.dataset.select_columns(columns),
-        eval_dataset=evaluation.dataset.select_columns(columns) if evaluation else None,
-        data_collator=PadCollator(tokenizer.pad_token_id),
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=collator,
         processing_class=tokenizer,
         callbacks=[SaveRunArgs(run_args)],
+        chunked_loss=training_args.chunked_loss,
+        loss_chunk_size=training_args.loss_chunk_size,
     )
     trainer.train(resume_from_checkpoint=resume)
     model.config.use_cache = True  # off for training only; the saved model generates with its cache
+    if packing and model_args.attn_implementation == "sdpa":  # (config.json never records the attention)
+        (model.get_base_model() if hasattr(model, "get_base_model") else model).set_attn_implementation(
+            "sdpa"
+        )
     trainer.save_model(training_args.output_dir)
     if trainer.is_world_process_zero():
         write_run_args(Path(training_args.output_dir), run_args)

@@ -36,7 +36,12 @@ def write_dump(prepared: PreparedData, path: str) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         for ex in prepared.dataset:
-            row = {"file": ex["file"], "record": ex["record"], "input_ids": ex["input_ids"], "labels": ex["labels"]}
+            row = {
+                "file": ex["file"],
+                "record": ex["record"],
+                "input_ids": ex["input_ids"],
+                "labels": ex["labels"],
+            }
             f.write(json.dumps(row) + "\n")
 
 
@@ -56,7 +61,9 @@ def make_parser() -> argparse.ArgumentParser:
         "example (token, id, label; -100 = not trained), statistics, and every invalid record as "
         "FILE:LINE: field: problem. Exit status: 0 all valid, 1 some invalid, 2 usage error."
     )
-    p.add_argument("--train_file", nargs="+", required=True, help="one or more .json/.jsonl files or directories")
+    p.add_argument(
+        "--train_file", nargs="+", required=True, help="one or more .json/.jsonl files or directories"
+    )
     p.add_argument("--train_format", default="auto", choices=FORMATS)
     p.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="tokenizer source (default: %(default)s)")
     p.add_argument(

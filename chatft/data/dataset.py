@@ -1,20 +1,30 @@
 """Data files -> a tokenized datasets.Dataset of {input_ids, labels}, with the counts of everything left out.
 
 Shared by scripts/check_data.py and finetune.py, so the checker and training can never disagree.
+
+With a cache folder, the result is kept on disk under a key made of everything that can change it: each data
+file's name and content hash, the tokenizer's serialized files, the template, the format, the length settings and
+the source of the data code. A second run with the same key loads it (memory-mapped Arrow) instead of
+tokenizing; any change to one of them misses and tokenizes afresh.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import datasets
 from transformers import PreTrainedTokenizerBase
 
-from chatft.data.formats import LoadedData, load_conversations
+from chatft.data.formats import LoadedData, expand_paths, load_conversations
 from chatft.data.schema import Conversation, Message, Problem, ToolCall
 from chatft.data.templates import IGNORE_INDEX, Template, TemplateError, encode, get_template, truncate
 
@@ -37,6 +47,7 @@ class DataStats:
     lengths: list[int] = field(default_factory=list)
     trained_tokens: int = 0
     seconds: float = 0.0
+    cache: str = ""  # the cache folder this came from ("" when tokenized in this run)
 
     def lines(self) -> list[str]:
         out = [
@@ -52,7 +63,10 @@ class DataStats:
                 f"tokens per example: min {s[0]}, median {statistics.median(s):g}, p95 {p95}, max {s[-1]}; "
                 f"total {total}, trained {self.trained_tokens} ({100 * self.trained_tokens / total:.1f}%)"
             )
-        out.append(f"preprocessing took {self.seconds:.1f} s")
+        if self.cache:
+            out.append(f"preprocessing took {self.seconds:.1f} s (loaded from the cache {self.cache})")
+        else:
+            out.append(f"preprocessing took {self.seconds:.1f} s")
         return out
 
 
@@ -169,15 +183,145 @@ def prepare_data(
     max_target_length: int | None = None,
     num_proc: int | None = None,
     log: Callable[[str], None] = print,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    overwrite_cache: bool = False,
 ) -> PreparedData:
+    """Read, validate and tokenize; with cache_dir, load the result of an identical earlier call from there.
+
+    stats.seconds is the wall time of this call; stats.cache is the folder it was loaded from ("" if tokenized).
+    """
     start = time.perf_counter()
-    loaded = load_conversations(paths, fmt, log=log)
+    folder = None
+    if cache_dir is not None:
+        key = cache_key(
+            paths, fmt, tokenizer, template_name, max_seq_length, max_source_length, max_target_length
+        )
+        folder = Path(cache_dir).expanduser() / key
+        if not overwrite_cache:
+            cached = _load_cached(folder, log)
+            if cached is not None:
+                cached.stats.seconds = time.perf_counter() - start
+                return cached
+    lines: list[str] = []
+
+    def log_and_keep(line: str) -> None:
+        lines.append(line)
+        log(line)
+
+    loaded = load_conversations(paths, fmt, log=log_and_keep)
     settings = EncodeSettings(
         get_template(template_name, tokenizer), max_seq_length, max_source_length, max_target_length
     )
     prepared = tokenize_conversations(loaded, tokenizer, settings, num_proc)
+    if folder is not None and len(prepared.dataset):  # nothing to train on is not worth keeping
+        _save_cached(folder, prepared, lines)
+        # later steps (training) read the memory-mapped copy, as a cached run would
+        prepared.dataset = datasets.load_from_disk(str(folder / "dataset"))
     prepared.stats.seconds = time.perf_counter() - start
     return prepared
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the on-disk cache
+
+CACHE_FORMAT = 1  # bump when what is stored changes shape
+_DATA_CODE = ("formats.py", "templates.py", "schema.py", "dataset.py")
+
+
+def cache_key(
+    paths: list[str],
+    fmt: str,
+    tokenizer: PreTrainedTokenizerBase,
+    template_name: str | None,
+    max_seq_length: int,
+    max_source_length: int | None,
+    max_target_length: int | None,
+) -> str:
+    """Hex digest of everything the prepared data depends on (DataFileError for a missing path)."""
+    h = hashlib.sha256()
+
+    def add(label: str, data: bytes) -> None:
+        h.update(f"{label}:{len(data)}:".encode())
+        h.update(data)
+
+    settings = {
+        "cache_format": CACHE_FORMAT,
+        "format": fmt,
+        "template": template_name,
+        "max_seq_length": max_seq_length,
+        "max_source_length": max_source_length,
+        "max_target_length": max_target_length,
+        "datasets": datasets.__version__,
+    }
+    add("settings", json.dumps(settings, sort_keys=True).encode())
+    here = Path(__file__).resolve().parent
+    for name in _DATA_CODE:
+        add(f"code/{name}", (here / name).read_bytes())
+    for path in expand_paths(paths):
+        add("file", str(path).encode())  # the name is recorded in the dataset and in every problem
+        add("content", _file_digest(path).encode())
+    for name, data in tokenizer_files(tokenizer):
+        add(f"tokenizer/{name}", data)
+    return h.hexdigest()[:32]
+
+
+def tokenizer_files(tokenizer: PreTrainedTokenizerBase) -> list[tuple[str, bytes]]:
+    """The tokenizer as save_pretrained writes it (what it is now, including a pad token set in memory)."""
+    with tempfile.TemporaryDirectory(prefix="chatft-tok-") as tmp:
+        tokenizer.save_pretrained(tmp)
+        return [(p.name, p.read_bytes()) for p in sorted(Path(tmp).iterdir()) if p.is_file()]
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _save_cached(folder: Path, prepared: PreparedData, lines: list[str]) -> None:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        prepared.dataset.save_to_disk(str(tmp / "dataset"))
+        stats = asdict(prepared.stats)
+        stats.pop("seconds")
+        stats.pop("cache")
+        meta = {
+            "stats": stats,
+            "problems": [asdict(p) for p in prepared.problems],
+            "formats": prepared.formats,
+            "log": lines,
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
+        if folder.exists():  # rebuilt (overwrite_cache) or written meanwhile by another process
+            shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_cached(folder: Path, log: Callable[[str], None]) -> PreparedData | None:
+    meta_file = folder / "meta.json"
+    if not meta_file.is_file():
+        return None
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        dataset = datasets.load_from_disk(str(folder / "dataset"))
+    except (OSError, ValueError, KeyError):  # a damaged entry is a miss; it is rewritten
+        return None
+    for line in meta["log"]:
+        log(line)
+    stats = DataStats(**meta["stats"], cache=str(folder))
+    problems = [Problem(**p) for p in meta["problems"]]
+    return PreparedData(dataset, stats, problems, meta["formats"])
 
 
 def sanity_check_lines(

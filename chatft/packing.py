@@ -1,0 +1,207 @@
+"""Padding-free packing: whole examples concatenated into rows of at most max_seq_length tokens.
+
+- Rows are filled best-fit decreasing (longest example first, each into the fullest row it still fits in): no
+  example is split, none is dropped, and rows come out ~99 % full on chat data.
+- Inside a row, position ids restart at 0 for every example, and the first label of every example is -100, so the
+  last token of one example is never trained to predict the first token of the next.
+- Isolation (no token attends across an example boundary) comes from the position ids alone: the collator passes
+  no attention mask and the forward runs without a cache, and transformers then builds a block-diagonal causal mask
+  for sdpa / eager / flex attention and cu_seqlens for flash attention (`masking_utils.find_packed_sequence_indices`,
+  `modeling_flash_attention_utils._is_packed_sequence`). tests/test_packing.py proves it through the Trainer.
+- The padding at the end of a short row gets position ids 0, 1, ... too: it is a separate "example" of its own,
+  never attended to by the real tokens, with labels -100.
+
+One row counts as one `per_device_train_batch_size` item: a step then holds several examples per row, which the
+Trainer logs as `examples_per_step` so packed and padded runs compare.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+
+import torch
+
+from chatft.data.templates import IGNORE_INDEX
+
+
+def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Indices of `lengths` grouped into bins of total length <= capacity, best-fit decreasing.
+
+    Deterministic: ties keep the original order. Bins are listed in the order they were opened, each bin's indices
+    in the order they were placed (longest first). O(n log n) plus a memmove per placement.
+    """
+    too_long = [i for i, n in enumerate(lengths) if n > capacity]
+    if too_long:
+        raise ValueError(
+            f"{len(too_long)} example(s) longer than the row length {capacity} (first: #{too_long[0]}, "
+            f"{lengths[too_long[0]]} tokens); truncate to max_seq_length before packing"
+        )
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: equal lengths keep file order
+    bins: list[list[int]] = []
+    # open bins by remaining room, ascending; the bin id breaks ties (oldest first)
+    room: list[tuple[int, int]] = []
+    for i in order:
+        n = lengths[i]
+        at = bisect.bisect_left(room, (n, -1))
+        if at == len(room):
+            bins.append([i])
+            bisect.insort(room, (capacity - n, len(bins) - 1))
+        else:
+            left, b = room.pop(at)
+            bins[b].append(i)
+            bisect.insort(room, (left - n, b))
+    return bins
+
+
+class PackedDataset(torch.utils.data.Dataset):
+    """Rows of packed examples over a dataset of {input_ids, labels}; built lazily, one row per item."""
+
+    def __init__(self, examples, max_seq_length: int, lengths: Sequence[int] | None = None) -> None:
+        self.examples = (
+            examples.select_columns(["input_ids", "labels"])
+            if hasattr(examples, "select_columns")
+            else examples
+        )
+        if lengths is None:
+            lengths = [len(ids) for ids in self.examples["input_ids"]]
+        self.lengths = list(lengths)
+        self.max_seq_length = max_seq_length
+        self.rows = best_fit_decreasing(self.lengths, max_seq_length)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        input_ids: list[int] = []
+        labels: list[int] = []
+        seq_lens: list[int] = []
+        for j in self.rows[i]:
+            example = self.examples[j]
+            ids, lab = list(example["input_ids"]), list(example["labels"])
+            lab[0] = IGNORE_INDEX  # never predicted from the previous example's last token
+            input_ids += ids
+            labels += lab
+            seq_lens.append(len(ids))
+        return {"input_ids": input_ids, "labels": labels, "seq_lens": seq_lens}
+
+    def summary(self) -> str:
+        """One line: examples, rows, fill, examples per row."""
+        tokens = sum(self.lengths)
+        rows = len(self.rows)
+        fill = tokens / (rows * self.max_seq_length) if rows else 0.0
+        per_row = len(self.lengths) / rows if rows else 0.0
+        return (
+            f"packing: {len(self.lengths)} examples into {rows} rows of <= {self.max_seq_length} tokens "
+            f"({per_row:.2f} examples per row, rows {100 * fill:.1f}% full)"
+        )
+
+
+def position_ids_for(seq_lens: Sequence[int]) -> list[int]:
+    return [p for n in seq_lens for p in range(n)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# attention per example on the CPU (and any device without flash attention)
+
+PACKED_SDPA = "chatft_packed_sdpa"
+
+
+def packed_sdpa_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """torch sdpa run once per example of a packed batch, each causal over its own tokens only.
+
+    The block-diagonal mask of a packed row makes plain sdpa compute (and, on the CPU, store) the attention of
+    every token with every other of the row, and keeps it off its causal fast path; here each example is its own
+    `is_causal=True` call, so attention costs sum(n_i^2) instead of L^2. The boundaries come from cu_seq_lens_q
+    (a flattened batch, as for flash attention) or else from where position_ids restart at 0. Anything else (a
+    padding mask, a KV cache, one example per row) goes to transformers' own sdpa unchanged.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    q_len = query.shape[2]
+    bounds = None
+    if attention_mask is None and q_len > 1 and key.shape[2] == q_len:
+        bounds = _segment_bounds(cu_seq_lens_q, position_ids, query.shape[0], q_len)
+    if bounds is None:
+        return sdpa_attention_forward(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            is_causal=is_causal,
+            **kwargs,
+        )
+    groups = getattr(module, "num_key_value_groups", 1)
+    rows = []
+    for b, row_bounds in enumerate(bounds):
+        parts = [
+            torch.nn.functional.scaled_dot_product_attention(
+                query[b : b + 1, :, start:stop],
+                key[b : b + 1, :, start:stop],
+                value[b : b + 1, :, start:stop],
+                dropout_p=dropout if module.training else 0.0,
+                scale=scaling,
+                is_causal=True,
+                enable_gqa=groups > 1,
+            )
+            for start, stop in row_bounds
+        ]
+        rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
+    out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _segment_bounds(cu_seq_lens, position_ids, batch: int, length: int) -> list[list[tuple[int, int]]] | None:
+    """[(start, stop), ...] per row, or None when no row holds more than one sequence."""
+    if cu_seq_lens is not None and batch == 1:
+        cu = cu_seq_lens.tolist()
+        if cu[-1] == length:
+            return [list(zip(cu[:-1], cu[1:], strict=True))]
+    if position_ids is None:
+        return None
+    pos = position_ids.expand(batch, -1) if position_ids.shape[0] != batch else position_ids
+    starts = pos == 0
+    if not bool(starts[:, 1:].any()):
+        return None
+    out = []
+    for row in starts:
+        idx = torch.nonzero(row).flatten().tolist()
+        if not idx or idx[0] != 0:
+            idx = [0, *idx]
+        out.append(list(zip(idx, [*idx[1:], length], strict=True)))
+    return out
+
+
+def _packed_sdpa_mask(*args, attention_mask=None, **kwargs):
+    """No mask where there is no padding mask (packed batches: the boundaries are handled per example);
+    transformers' own sdpa mask otherwise (padded batches, generation)."""
+    from transformers.masking_utils import sdpa_mask
+
+    if attention_mask is None:
+        return None
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
+def register_packed_sdpa() -> str:
+    """Make PACKED_SDPA a valid attn_implementation (idempotent); returns its name."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention_forward)
+    AttentionMaskInterface.register(PACKED_SDPA, _packed_sdpa_mask)
+    return PACKED_SDPA

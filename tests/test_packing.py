@@ -1,0 +1,344 @@
+"""Packing: best-fit decreasing rows, restarted positions, isolated attention and honest loss, in the Trainer path.
+
+A tiny Llama (vocab 128, hidden 64, 2 layers) built from a config; examples with hand-made ids.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+
+from chatft.collator import PackedCollator, PadCollator
+from chatft.packing import PACKED_SDPA, PackedDataset, best_fit_decreasing, register_packed_sdpa
+from chatft.train import ChatTrainer, main
+
+# transformers' sdpa and eager over packed rows (isolation from the position ids alone), and chatft's packed sdpa
+# over a flattened batch (one causal sdpa call per example), which finetune uses for --attn_implementation sdpa
+BACKENDS = ["sdpa", "eager", PACKED_SDPA]
+
+X = -100
+VOCAB = 128
+PAD = 0
+
+
+def example(n: int, seed: int, prompt: int) -> dict:
+    """n random tokens; the first `prompt` are not trained."""
+    ids = torch.randint(3, VOCAB, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+    return {"input_ids": ids, "labels": [X] * prompt + ids[prompt:]}
+
+
+EXAMPLES = [
+    example(n, i, p) for i, (n, p) in enumerate([(9, 3), (5, 2), (12, 4), (3, 1), (7, 7 - 2), (6, 0)])
+]
+
+
+class ListDataset(torch.utils.data.Dataset):
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def tiny_model(attn: str) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True, use_cache=False,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    if attn == PACKED_SDPA:
+        register_packed_sdpa()
+    model.set_attn_implementation(attn)
+    return model
+
+
+def segments(packed: PackedDataset, batch: dict):
+    """(example index, logits row, start) of each example of the packed dataset's rows, in batch order."""
+    flat = batch["input_ids"].shape[0] == 1 and len(packed.rows) > 1
+    start = 0
+    for r, row in enumerate(packed.rows):
+        if not flat:
+            start = 0
+        for j in row:
+            yield j, (0 if flat else r), start
+            start += len(EXAMPLES[j]["input_ids"])
+
+
+def trainer_for(model, dataset, collator, tmp_path, batch_size: int, chunked: bool = True) -> ChatTrainer:
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "t"), per_device_train_batch_size=batch_size, use_cpu=True, report_to=[],
+        dataloader_num_workers=0, train_sampling_strategy="sequential", remove_unused_columns=False,
+    )  # fmt: skip
+    return ChatTrainer(
+        model=model, args=args, train_dataset=dataset, data_collator=collator, chunked_loss=chunked
+    )
+
+
+def first_batch(trainer: ChatTrainer) -> dict:
+    return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+
+
+def num_items(batch: dict) -> torch.Tensor:
+    return (batch["labels"][..., 1:] != X).sum()
+
+
+# ------------------------------------------------------------------------------------------------- bin packing
+
+
+def test_best_fit_decreasing_literal():
+    # sorted: 7(#1) 6(#3) 5(#0) 4(#4) 3(#2) 2(#5) 1(#6), capacity 10
+    # 7 -> new A(3 left); 6 -> new B(4); 5 -> new C(5); 4 -> B (tightest fit, 0 left); 3 -> A (0 left);
+    # 2 -> C (3 left); 1 -> C (2 left)
+    assert best_fit_decreasing([5, 7, 3, 6, 4, 2, 1], 10) == [[1, 2], [3, 4], [0, 5, 6]]
+
+
+def test_best_fit_decreasing_keeps_every_example_whole():
+    lengths = torch.randint(1, 300, (500,), generator=torch.Generator().manual_seed(0)).tolist()
+    bins = best_fit_decreasing(lengths, 512)
+    placed = sorted(i for b in bins for i in b)
+    assert placed == list(range(len(lengths)))  # none dropped, none twice
+    assert all(sum(lengths[i] for i in b) <= 512 for b in bins)
+    assert len(bins) <= -(-sum(lengths) // 512) + 2  # near the lower bound
+    assert bins == best_fit_decreasing(lengths, 512)  # deterministic
+    assert best_fit_decreasing([512, 512], 512) == [[0], [1]]
+    with pytest.raises(ValueError, match="longer than the row length 8"):
+        best_fit_decreasing([3, 9], 8)
+
+
+def test_packed_rows_restart_positions_and_never_train_the_first_token():
+    packed = PackedDataset(ListDataset(EXAMPLES), 16, [len(e["input_ids"]) for e in EXAMPLES])
+    assert packed.rows == [[2, 3], [0, 4], [5, 1]]
+    row = packed[1]
+    first, second = EXAMPLES[0], EXAMPLES[4]
+    assert row["input_ids"] == first["input_ids"] + second["input_ids"]
+    assert row["seq_lens"] == [9, 7]
+    assert row["labels"] == first["labels"] + [X] + second["labels"][1:]
+    row = packed[2]  # an example trained from its first token: that label goes, the rest stays
+    assert row["labels"][:6] == [X] + EXAMPLES[5]["labels"][1:]
+
+    batch = PackedCollator(PAD)([packed[0], packed[1]])
+    assert "attention_mask" not in batch
+    assert batch["position_ids"].tolist() == [
+        [*range(12), *range(3), 0],  # the padding is a segment of its own
+        [*range(9), *range(7)],
+    ]
+    assert batch["input_ids"][0, -1] == PAD and batch["labels"][0, -1] == X
+    assert (batch["num_examples"].item(), batch["num_tokens"].item()) == (4, 31)
+
+
+def test_flattened_batch_for_flash_attention_has_no_padding_and_cu_seqlens():
+    packed = PackedDataset(ListDataset(EXAMPLES), 16, [len(e["input_ids"]) for e in EXAMPLES])
+    batch = PackedCollator.for_backend(PAD, "flash_attention_2")([packed[0], packed[1]])
+    assert batch["input_ids"].shape == (1, 31)
+    assert batch["position_ids"].tolist() == [[*range(12), *range(3), *range(9), *range(7)]]
+    assert batch["cu_seq_lens_q"].tolist() == [0, 12, 15, 24, 31]
+    assert batch["cu_seq_lens_q"].dtype == torch.int32 and batch["max_length_k"] == 12
+    flex = PackedCollator.for_backend(PAD, "flex_attention")([packed[0]])
+    assert flex["input_ids"].shape == (1, 15) and "cu_seq_lens_q" not in flex
+    assert not PackedCollator.for_backend(PAD, "sdpa").flatten
+
+
+# ------------------------------------------------------------------------------- isolation, in the Trainer path
+
+
+@pytest.mark.parametrize("attn", BACKENDS)
+def test_each_packed_example_sees_only_itself(attn, tmp_path):
+    model = tiny_model(attn)
+    packed = PackedDataset(ListDataset(EXAMPLES), 16, [len(e["input_ids"]) for e in EXAMPLES])
+    collator = PackedCollator.for_backend(PAD, attn)
+    trainer = trainer_for(model, packed, collator, tmp_path, batch_size=3, chunked=False)
+    batch = first_batch(trainer)
+    assert "attention_mask" not in batch
+    assert batch["input_ids"].shape == ((1, 42) if attn == PACKED_SDPA else (3, 16))
+    model.eval()
+    with torch.no_grad():
+        _, outputs = trainer.compute_loss(model, batch, return_outputs=True)
+        for j, r, start in segments(packed, batch):
+            ids = torch.tensor([EXAMPLES[j]["input_ids"]])
+            alone = model(input_ids=ids).logits[0]
+            got = outputs.logits[r, start : start + ids.shape[1]]
+            torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-5)
+        if attn == PACKED_SDPA:  # it takes its boundaries from the position ids even under an all-ones mask
+            return
+        # the control: the same batch with a plain 2-D mask lets the second example of a row see the first
+        ones = torch.ones_like(batch["input_ids"])
+        leaky = model(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=ones
+        ).logits
+        assert (leaky[0, 12:15] - outputs.logits[0, 12:15]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("attn", BACKENDS)
+@pytest.mark.parametrize("chunked", [True, False])
+def test_packed_loss_and_gradients_equal_the_padded_ones(attn, chunked, tmp_path):
+    model = tiny_model(attn)
+    packed = PackedDataset(ListDataset(EXAMPLES), 16, [len(e["input_ids"]) for e in EXAMPLES])
+    collator = PackedCollator.for_backend(PAD, attn)
+    packed_trainer = trainer_for(model, packed, collator, tmp_path, batch_size=3, chunked=chunked)
+    padded_trainer = trainer_for(model, ListDataset(EXAMPLES), PadCollator(PAD), tmp_path, 6, chunked=False)
+
+    def loss_and_grads(trainer):
+        batch = first_batch(trainer)
+        model.zero_grad()
+        loss = trainer.compute_loss(model, batch, num_items_in_batch=num_items(batch))
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, batch
+
+    model.train()
+    packed_loss, packed_grads, packed_batch = loss_and_grads(packed_trainer)
+    padded_loss, padded_grads, padded_batch = loss_and_grads(padded_trainer)
+    assert (
+        num_items(packed_batch)
+        == num_items(padded_batch)
+        == sum(sum(1 for t in e["labels"][1:] if t != X) for e in EXAMPLES)
+    )
+    assert (
+        packed_batch["input_ids"].numel()
+        == (42 if attn == PACKED_SDPA else 48)
+        < padded_batch["input_ids"].numel()
+    )
+    torch.testing.assert_close(packed_loss, padded_loss, atol=1e-5, rtol=1e-5)
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(
+    not os.environ.get("CHATFT_TEST_FLEX"), reason="flex attention compiles for ~30 s on the CPU"
+)
+def test_flattened_flex_attention_isolates(tmp_path):
+    model = tiny_model("flex_attention")
+    packed = PackedDataset(ListDataset(EXAMPLES), 16, [len(e["input_ids"]) for e in EXAMPLES])
+    trainer = trainer_for(
+        model, packed, PackedCollator.for_backend(PAD, "flex_attention"), tmp_path, 3, False
+    )
+    batch = first_batch(trainer)
+    assert batch["input_ids"].shape == (1, 42)
+    model.eval()
+    with torch.no_grad():
+        _, outputs = trainer.compute_loss(model, batch, return_outputs=True)
+        start = 0
+        for j in [j for row in packed.rows for j in row]:
+            ids = torch.tensor([EXAMPLES[j]["input_ids"]])
+            got = outputs.logits[0, start : start + ids.shape[1]]
+            torch.testing.assert_close(got, model(input_ids=ids).logits[0], atol=1e-5, rtol=1e-5)
+            start += ids.shape[1]
+
+
+def test_packed_sdpa_leaves_padded_batches_and_generation_to_plain_sdpa():
+    model, reference = tiny_model(PACKED_SDPA).eval(), tiny_model("sdpa").eval()
+    ids = torch.tensor([[5, 6, 7, 8, PAD, PAD], [9, 10, 11, 12, 13, 14]])
+    mask = (torch.arange(6) < torch.tensor([[4], [6]])).long()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(input_ids=ids, attention_mask=mask).logits,
+            reference(input_ids=ids, attention_mask=mask).logits,
+        )
+        # row 0 restarts its positions at the padding: per-example attention there, the padding its own segment
+        pos = torch.tensor([[0, 1, 2, 3, 0, 1], list(range(6))])
+        got = model(input_ids=ids, position_ids=pos).logits
+        torch.testing.assert_close(got[:, :4], reference(input_ids=ids[:, :4]).logits)
+        generated = model.generate(ids[:1, :4], max_new_tokens=3, do_sample=False, use_cache=True)
+        expected = reference.generate(ids[:1, :4], max_new_tokens=3, do_sample=False, use_cache=True)
+    assert generated.tolist() == expected.tolist()
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+
+CHATS = [
+    [("user", "hi"), ("assistant", "hello there")],
+    [("user", "how are you?"), ("assistant", "fine, thanks!")],
+    [("user", "weather?"), ("assistant", "sunny"), ("user", "bye"), ("assistant", "bye!")],
+    [("system", "ok"), ("user", "hi there"), ("assistant", "hello, how are you?")],
+    [("user", "question?"), ("assistant", "answer.")],
+    [("user", "Paris weather?"), ("assistant", "sunny in Paris.")],
+]
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    from toy import make_tokenizer
+
+    d = tmp_path_factory.mktemp("packing_e2e")
+    tok = make_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(d / "model")
+    tok.save_pretrained(d / "model")
+    data = d / "chats.jsonl"
+    data.write_text(
+        "".join(json.dumps({"messages": [{"role": r, "content": c} for r, c in ch]}) + "\n" for ch in CHATS)
+    )
+
+    def run(out: Path, *extra: str) -> list[dict]:
+        argv = [
+            "--model_name_or_path", str(d / "model"), "--train_file", str(data), "--output_dir", str(out),
+            "--per_device_train_batch_size", "2", "--max_seq_length", "64", "--logging_steps", "1",
+            "--report_to", "none", "--save_strategy", "no", "--preprocessing_cache_dir", str(d / "cache"), *extra,
+        ]  # fmt: skip
+        assert main(argv) == 0
+        return json.loads((out / "trainer_state.json").read_text())["log_history"]
+
+    return run
+
+
+def test_packing_is_the_default_and_steps_report_their_examples(toy_run, tmp_path, capsys):
+    history = toy_run(tmp_path / "packed", "--method", "lora", "--num_train_epochs", "1")
+    out = capsys.readouterr().out
+    assert "packing: 6 examples into" in out
+    assert "once per example" in out  # --attn_implementation sdpa runs as chatft's packed sdpa
+    steps = [e for e in history if "loss" in e]
+    assert sum(e["examples_per_step"] for e in steps) == 6  # one epoch sees every example once
+    assert len(steps) < 3  # fewer steps than padded batches of 2 examples: a row holds several examples
+    final = history[-1]
+    assert final["train_examples"] == 6 and final["train_trained_tokens"] > 0
+
+    padded = toy_run(tmp_path / "padded", "--method", "lora", "--num_train_epochs", "1", "--packing", "False")
+    assert "sampling group_by_length" in capsys.readouterr().out
+    assert [e["examples_per_step"] for e in padded if "loss" in e] == [2, 2, 2]
+    assert padded[-1]["train_trained_tokens"] == final["train_trained_tokens"]
+
+
+def test_ptuning_falls_back_to_padding_and_says_so_once(toy_run, tmp_path, capsys):
+    toy_run(tmp_path / "pt", "--method", "ptuning", "--pre_seq_len", "4", "--max_steps", "2")
+    out = capsys.readouterr().out
+    assert out.count("P-Tuning v2 cannot pack") == 1
+    assert "activation checkpointing: off" in out
+
+
+def test_checkpointing_is_on_by_default_only_where_memory_is_short(tmp_path):
+    from chatft.args import ModelArguments
+    from chatft.train import TrainArguments, auto_checkpointing
+
+    LlamaConfig(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, vocab_size=49152
+    ).save_pretrained(tmp_path)  # SmolLM2-135M's shape; no weights needed
+    gib = 2**30
+
+    def decide(method: str, available_gib: float, batch: int = 4) -> bool:
+        margs = ModelArguments(model_name_or_path=str(tmp_path), method=method)
+        targs = TrainArguments(
+            output_dir=str(tmp_path / "o"), per_device_train_batch_size=batch, report_to=[]
+        )
+        assert targs.checkpointing_auto
+        return auto_checkpointing(margs, targs, 512, available=int(available_gib * gib))[0]
+
+    assert not decide("lora", 22)  # this machine: ~3.5 GiB needed
+    assert decide("lora", 6)
+    assert decide("lora", 22, batch=16)
+    assert not decide("full", 22) and decide("full", 8)  # + weights, gradients and Adam state
+    assert not decide("ptuning", 1)  # never: peft's prefix forbids it
+    explicit = TrainArguments(output_dir=str(tmp_path / "o"), activation_checkpointing=False, report_to=[])
+    assert not explicit.checkpointing_auto

@@ -1,0 +1,98 @@
+"""The preprocessing cache: a second identical call loads from disk; any change that matters misses."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from toy import make_tokenizer
+
+from chatft.data import dataset as dataset_module
+from chatft.data.dataset import prepare_data
+
+RECORDS = [
+    {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]},
+    {
+        "messages": [
+            {"role": "user", "content": "how are you?"},
+            {"role": "assistant", "content": "fine, thanks!"},
+        ]
+    },
+    {"messages": [{"role": "bot", "content": "?"}]},  # invalid: a located problem, cached too
+]
+
+
+@pytest.fixture
+def data(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    return f
+
+
+def prepare(data, cache, tokenizer=None, **kwargs):
+    lines: list[str] = []
+    settings = {"fmt": "auto", "template_name": None, "max_seq_length": 64, **kwargs}
+    p = prepare_data(
+        [str(data)], settings.pop("fmt"), tokenizer or make_tokenizer(), settings.pop("template_name"),
+        log=lines.append, cache_dir=cache, **settings,
+    )  # fmt: skip
+    return p, lines
+
+
+def test_second_call_hits_the_cache(data, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    cold, cold_log = prepare(data, cache)
+    assert cold.stats.cache == ""
+    assert not any("cache" in line for line in cold.stats.lines())
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("tokenized again")
+
+    monkeypatch.setattr(dataset_module, "tokenize_conversations", no_tokenizing)
+    warm, warm_log = prepare(data, cache)
+    assert warm.stats.cache.startswith(str(cache))
+    assert "loaded from the cache" in warm.stats.lines()[-1]
+    assert warm_log == cold_log  # the format lines are replayed
+    assert warm.dataset.to_list() == cold.dataset.to_list()
+    assert warm.problems == cold.problems and len(warm.problems) == 1
+    assert warm.formats == cold.formats
+    for name in ("records_read", "valid", "invalid", "skipped", "truncated", "lengths", "trained_tokens"):
+        assert getattr(warm.stats, name) == getattr(cold.stats, name)
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["max_seq_length", "max_target_length", "template", "format", "tokenizer", "content", "overwrite"],
+)
+def test_a_changed_setting_misses(data, tmp_path, change):
+    cache = tmp_path / "cache"
+    prepare(data, cache)
+    kwargs: dict = {}
+    tokenizer = None
+    if change == "max_seq_length":
+        kwargs["max_seq_length"] = 63
+    elif change == "max_target_length":
+        kwargs["max_target_length"] = 5
+    elif change == "template":
+        kwargs["template_name"] = "chatml"
+    elif change == "format":
+        kwargs["fmt"] = "openai"
+    elif change == "tokenizer":
+        tokenizer = make_tokenizer()
+        tokenizer.add_tokens(["brand-new"])
+    elif change == "content":
+        data.write_text(data.read_text().replace("hello there", "hello"))
+    elif change == "overwrite":
+        kwargs["overwrite_cache"] = True
+    p, _ = prepare(data, cache, tokenizer, **kwargs)
+    assert p.stats.cache == ""
+    again, _ = prepare(data, cache, tokenizer, **{k: v for k, v in kwargs.items() if k != "overwrite_cache"})
+    assert again.stats.cache != ""  # and that one is cached in turn
+    assert again.dataset.to_list() == p.dataset.to_list()
+
+
+def test_without_a_cache_folder_nothing_is_written(data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    p = prepare_data([str(data)], "auto", make_tokenizer(), None, log=lambda _: None)
+    assert p.stats.cache == ""
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["d.jsonl"]

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,8 +33,9 @@ from chatft.args import DataArguments, ModelArguments
 from chatft.collator import PackedCollator, PadCollator
 from chatft.data.check import report_lines
 from chatft.data.dataset import PreparedData, prepare_data
-from chatft.data.formats import DataFileError
-from chatft.data.templates import IGNORE_INDEX, TemplateError
+from chatft.data.formats import DataFileError, load_conversations
+from chatft.data.templates import IGNORE_INDEX, TemplateError, get_template
+from chatft.infer import generation_scores
 from chatft.loss import DEFAULT_CHUNK_SIZE, causal_lm_loss, unsupported_reason
 from chatft.methods import load_model, load_tokenizer
 from chatft.packing import PackedDataset, register_packed_sdpa
@@ -298,8 +300,16 @@ class ChatTrainer(Trainer):
     processes; at the end: train_examples, train_tokens, train_trained_tokens and their rates per second.
     """
 
-    def __init__(self, *args, chunked_loss: bool = True, loss_chunk_size: int = DEFAULT_CHUNK_SIZE, **kwargs):
+    def __init__(
+        self,
+        *args,
+        chunked_loss: bool = True,
+        loss_chunk_size: int = DEFAULT_CHUNK_SIZE,
+        generation_eval: Callable | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
+        self.generation_eval = generation_eval
         self.loss_chunk_size = loss_chunk_size
         reason = unsupported_reason(self.accelerator.unwrap_model(self.model)) if chunked_loss else None
         if reason and self.is_world_process_zero():
@@ -312,6 +322,15 @@ class ChatTrainer(Trainer):
         self._window = torch.zeros(4, dtype=torch.long)
         self._total = torch.zeros(4, dtype=torch.long)
         self._window_start = None
+
+    def evaluate(self, *args, **kwargs) -> dict[str, float]:
+        """The eval loss, and with --predict_with_generate the ROUGE/BLEU of greedy answers on the eval set."""
+        metrics = super().evaluate(*args, **kwargs)
+        if self.generation_eval is not None:
+            scores = {f"eval_{k}": v for k, v in self.generation_eval(self.model).items()}
+            self.log(scores)
+            metrics.update(scores)
+        return metrics
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
@@ -370,6 +389,34 @@ class ChatTrainer(Trainer):
         return window.tolist()
 
 
+def generation_eval_for(model_args: ModelArguments, data_args: DataArguments, training_args, tokenizer):
+    """--predict_with_generate with --eval_file: a function scoring greedy answers to the eval records' last
+    assistant turns (every record, whatever the batch size), rendered as in training."""
+    if not (training_args.predict_with_generate and data_args.eval_file):
+        return None
+    records = load_conversations(data_args.eval_file, data_args.train_format, log=lambda _msg: None).records
+    chat = model_args.template is not None or any(not c.raw for _, _, c in records)
+    template = get_template(model_args.template, tokenizer) if chat else None
+    max_new_tokens = training_args.generation_max_length or 128
+
+    def scores(model) -> dict[str, float]:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        attention, training = base.config._attn_implementation, model.training
+        base.set_attn_implementation(
+            model_args.attn_implementation
+        )  # packing's own sdpa is for training rows
+        model.eval()
+        try:
+            return generation_scores(
+                model, tokenizer, template, records, max_new_tokens, training_args.per_device_eval_batch_size
+            )
+        finally:
+            base.set_attn_implementation(attention)
+            model.train(training)
+
+    return scores
+
+
 def data_refused(prepared: PreparedData, data_args: DataArguments) -> str | None:
     if prepared.problems and not data_args.skip_invalid_records:
         return (
@@ -384,14 +431,20 @@ def data_refused(prepared: PreparedData, data_args: DataArguments) -> str | None
 
 
 class SaveRunArgs(TrainerCallback):
-    """Every checkpoint gets the run's arguments beside the weights and tokenizer."""
+    """Every checkpoint gets the run's arguments beside the weights and tokenizer, and a full model's config
+    says use_cache true again (it is off only while training), so the checkpoint generates at full speed."""
 
     def __init__(self, run_args: dict) -> None:
         self.run_args = run_args
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            write_run_args(Path(args.output_dir) / f"checkpoint-{state.global_step}", self.run_args)
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            write_run_args(folder, self.run_args)
+            config = folder / "config.json"
+            if config.exists():
+                saved = json.loads(config.read_text())
+                config.write_text(json.dumps(saved | {"use_cache": True}, indent=2, sort_keys=True) + "\n")
 
 
 def write_run_args(folder: Path, run_args: dict) -> None:
@@ -453,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run_args = {
         "model": dataclasses.asdict(model_args),
-        "data": dataclasses.asdict(data_args),
+        "data": dataclasses.asdict(data_args) | {"formats": train.formats},
         "training": training_args.to_dict(),
     }
     train_set, eval_set = training_datasets(train, evaluation, packing, data_args, training_args, log)
@@ -472,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         callbacks=[SaveRunArgs(run_args)],
         chunked_loss=training_args.chunked_loss,
         loss_chunk_size=training_args.loss_chunk_size,
+        generation_eval=generation_eval_for(model_args, data_args, training_args, tokenizer),
     )
     trainer.train(resume_from_checkpoint=resume)
     model.config.use_cache = True  # off for training only; the saved model generates with its cache

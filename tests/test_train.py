@@ -100,6 +100,7 @@ def test_method_end_to_end(tiny_model, data_file, tmp_path, method, extra):
         assert all(not torch.equal(trained[k], base[k]) for k in base if "norm" not in k)
         reloaded = AutoModelForCausalLM.from_pretrained(out)
         assert reloaded.config.use_cache
+        assert json.loads((out / "checkpoint-2" / "config.json").read_text())["use_cache"] is True
         return
     # peft methods: the checkpoint is the adapter or prefix alone, far smaller than the base model
     assert not (out / "model.safetensors").exists()
@@ -220,3 +221,22 @@ def test_zero3_full_fine_tune_on_two_cpu_processes(tiny_model, data_file, tmp_pa
     trained = model.state_dict()
     assert any(not torch.equal(trained[k], base[k]) for k in base)
     assert (out / "tokenizer.json").exists()
+
+
+def test_eval_loss_and_generation_metrics_at_each_evaluation(tiny_model, data_file, tmp_path):
+    dev = tmp_path / "dev.jsonl"  # 3 records with an eval batch of 2: the last batch is short
+    dev.write_text("".join(Path(data_file).read_text().splitlines(keepends=True)[:3]))
+    out = tmp_path / "out"
+    code = run(
+        tiny_model, data_file, out, "--method", "lora", "--max_steps", "4", "--eval_file", str(dev),
+        "--eval_steps", "2", "--save_steps", "2", "--predict_with_generate", "True", "--generation_max_length", "4",
+        "--per_device_eval_batch_size", "2",
+    )  # fmt: skip
+    assert code == 0
+    state = json.loads((out / "trainer_state.json").read_text())
+    evals = [e for e in state["log_history"] if "eval_loss" in e]
+    scores = [e for e in state["log_history"] if "eval_rouge-1" in e]
+    assert [e["step"] for e in evals] == [2, 4] and [e["step"] for e in scores] == [2, 4]
+    assert all(set(e) >= {"eval_rouge-2", "eval_rouge-l", "eval_bleu-4"} for e in scores)
+    config = json.loads((out / "checkpoint-2" / "run_args.json").read_text())
+    assert config["data"]["formats"] == {data_file: "openai"}

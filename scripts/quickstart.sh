@@ -32,7 +32,7 @@ head -n "$N_HELDOUT" "$WORK/test.jsonl" > "$WORK/heldout.jsonl"
 echo "== 2. LoRA fine-tune: $STEPS steps of $BATCH examples"
 "$PYTHON" finetune.py --method lora --train_file "$WORK/train.jsonl" --output_dir "$WORK/lora" \
   --max_seq_length 512 --per_device_train_batch_size "$BATCH" --learning_rate "$LR" --max_steps "$STEPS" \
-  --lora_rank 16 --lora_alpha 32 --warmup_steps 10 --logging_steps 10 --save_steps "$STEPS" --seed 42 \
+  --lora_rank 16 --lora_alpha 32 --warmup_steps 10 --logging_steps "$(( STEPS < 20 ? 1 : 10 ))" --save_steps "$STEPS" --seed 42 \
   | grep -v -- ' -> ' | grep -v '^Sanity Check\|Sanity Check$'
 
 echo "== 3. answers of the base model and of the tuned one on the held-out questions (greedy)"

@@ -7,8 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data/ruozhiba_qa.json}
 WORK=${WORK:-output/quickstart}
-STEPS=${STEPS:-120}
-BATCH=${BATCH:-8}
+STEPS=${STEPS:-60}
+BATCH=${BATCH:-2}  # packed rows of up to 512 tokens: about 5 ruozhiba examples each
 LR=${LR:-1e-3}
 N_HELDOUT=${N_HELDOUT:-8}
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-96}
@@ -29,7 +29,7 @@ echo "== 1. data: convert ruozhiba to OpenAI messages, split 7:3 (seed 42), hold
   --test_out "$WORK/test.jsonl" --ratio 0.7 --seed 42 --dedup
 head -n "$N_HELDOUT" "$WORK/test.jsonl" > "$WORK/heldout.jsonl"
 
-echo "== 2. LoRA fine-tune: $STEPS steps of $BATCH examples"
+echo "== 2. LoRA fine-tune: $STEPS steps of $BATCH packed rows"
 "$PYTHON" finetune.py --method lora --train_file "$WORK/train.jsonl" --output_dir "$WORK/lora" \
   --max_seq_length 512 --per_device_train_batch_size "$BATCH" --learning_rate "$LR" --max_steps "$STEPS" \
   --lora_rank 16 --lora_alpha 32 --warmup_steps 10 --logging_steps "$(( STEPS < 20 ? 1 : 10 ))" --save_steps "$STEPS" --seed 42 \

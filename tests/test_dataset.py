@@ -34,12 +34,16 @@ def test_counts_valid_invalid_skipped_truncated(tmp_path):
     assert p.dataset["input_ids"][1] == p.dataset["input_ids"][0][:11]  # second turn dropped whole
     assert s.lengths == [12, 11]
     assert s.trained_tokens == 2 + 2
-    assert [str(x) for x in p.problems] == [f"{f}:3: messages[0].role: must be one of system, user, assistant, tool; got 'bot'"]
+    assert [str(x) for x in p.problems] == [
+        f"{f}:3: messages[0].role: must be one of system, user, assistant, tool; got 'bot'"
+    ]
 
 
 def test_template_failure_is_a_located_problem(tmp_path):
     template = "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system') }}{% endif %}{{ m['content'] }}{% endfor %}"
-    f = write_jsonl(tmp_path / "d.jsonl", [GOOD, openai(("system", "ok"), ("user", "hi"), ("assistant", "hello"))])
+    f = write_jsonl(
+        tmp_path / "d.jsonl", [GOOD, openai(("system", "ok"), ("user", "hi"), ("assistant", "hello"))]
+    )
     p = prepare_data([f], "openai", make_tokenizer(template), None, log=lambda _: None)
     assert [(x.line, x.field) for x in p.problems] == [(2, "(template)")]
     assert "no system" in p.problems[0].message

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from toy import CHATS as TOY_CHATS
+from toy import openai_jsonl, save_tiny_model
 from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
 from chatft.collator import PackedCollator, PadCollator
@@ -254,33 +256,15 @@ def test_packed_sdpa_leaves_padded_batches_and_generation_to_plain_sdpa():
 # ------------------------------------------------------------------------------------------------ end to end
 
 
-CHATS = [
-    [("user", "hi"), ("assistant", "hello there")],
-    [("user", "how are you?"), ("assistant", "fine, thanks!")],
-    [("user", "weather?"), ("assistant", "sunny"), ("user", "bye"), ("assistant", "bye!")],
-    [("system", "ok"), ("user", "hi there"), ("assistant", "hello, how are you?")],
-    [("user", "question?"), ("assistant", "answer.")],
-    [("user", "Paris weather?"), ("assistant", "sunny in Paris.")],
-]
+CHATS = TOY_CHATS[:6]
 
 
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
-    from toy import make_tokenizer
-
     d = tmp_path_factory.mktemp("packing_e2e")
-    tok = make_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )  # fmt: skip
-    LlamaForCausalLM(config).save_pretrained(d / "model")
-    tok.save_pretrained(d / "model")
+    save_tiny_model(d / "model")
     data = d / "chats.jsonl"
-    data.write_text(
-        "".join(json.dumps({"messages": [{"role": r, "content": c} for r, c in ch]}) + "\n" for ch in CHATS)
-    )
+    data.write_text(openai_jsonl(CHATS))
 
     def run(out: Path, *extra: str) -> list[dict]:
         argv = [

@@ -9,45 +9,25 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from toy import make_tokenizer
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from toy import CHATS, make_tokenizer, openai_jsonl, save_tiny_model
+from transformers import AutoModelForCausalLM
 
 from chatft.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
-CHATS = [
-    [("user", "hi"), ("assistant", "hello there")],
-    [("user", "how are you?"), ("assistant", "fine, thanks!")],
-    [("user", "weather?"), ("assistant", "sunny"), ("user", "bye"), ("assistant", "bye!")],
-    [("system", "ok"), ("user", "hi there"), ("assistant", "hello, how are you?")],
-    [("user", "question?"), ("assistant", "answer.")],
-    [("user", "Paris weather?"), ("assistant", "sunny in Paris.")],
-    [("user", "hello"), ("assistant", "hi! how are you?"), ("user", "fine"), ("assistant", "ok, bye")],
-    [("user", "thanks"), ("assistant", "ok!")],
-]
-
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> str:
     d = tmp_path_factory.mktemp("tiny")
-    tok = make_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=True, bos_token_id=1, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )  # fmt: skip
-    LlamaForCausalLM(config).save_pretrained(d)
-    tok.save_pretrained(d)
+    save_tiny_model(d)
     return str(d)
 
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory) -> str:
     f = tmp_path_factory.mktemp("data") / "chats.jsonl"
-    rows = [{"messages": [{"role": r, "content": c} for r, c in chat]} for chat in CHATS]
-    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    f.write_text(openai_jsonl(CHATS))
     return str(f)
 
 
@@ -125,12 +105,7 @@ def test_method_end_to_end(tiny_model, data_file, tmp_path, method, extra):
 def test_gradient_accumulation_equals_bigger_batch(tiny_model, tmp_path):
     """One SGD step (lr 1, no clipping): the weights after it are w - g, so equal weights mean equal gradients."""
     data = tmp_path / "four.jsonl"
-    data.write_text(
-        "".join(
-            json.dumps({"messages": [{"role": r, "content": c} for r, c in chat]}) + "\n"
-            for chat in CHATS[:4]
-        )
-    )
+    data.write_text(openai_jsonl(CHATS[:4]))
     common = ["--method", "full", "--max_steps", "1", "--optim", "sgd", "--learning_rate", "1.0",
               "--max_grad_norm", "0", "--lr_scheduler_type", "constant", "--save_strategy", "no"]  # fmt: skip
     a, b = tmp_path / "a", tmp_path / "b"

@@ -49,3 +49,40 @@ def make_tokenizer(chat_template: str | None = CHATML, bos: bool = False) -> Pre
 def ids(*tokens: str) -> list[int]:
     v = vocab()
     return [v[t] for t in tokens]
+
+
+CHATS = [
+    [("user", "hi"), ("assistant", "hello there")],
+    [("user", "how are you?"), ("assistant", "fine, thanks!")],
+    [("user", "weather?"), ("assistant", "sunny"), ("user", "bye"), ("assistant", "bye!")],
+    [("system", "ok"), ("user", "hi there"), ("assistant", "hello, how are you?")],
+    [("user", "question?"), ("assistant", "answer.")],
+    [("user", "Paris weather?"), ("assistant", "sunny in Paris.")],
+    [("user", "hello"), ("assistant", "hi! how are you?"), ("user", "fine"), ("assistant", "ok, bye")],
+    [("user", "thanks"), ("assistant", "ok!")],
+]
+
+
+def openai_jsonl(chats: list) -> str:
+    """The chats as OpenAI-messages JSON lines."""
+    import json
+
+    return "".join(
+        json.dumps({"messages": [{"role": r, "content": c} for r, c in chat]}) + "\n" for chat in chats
+    )
+
+
+def save_tiny_model(folder, seed: int = 0) -> None:
+    """A 2-layer Llama sized for the toy tokenizer, saved with it (random weights, fixed seed)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = make_tokenizer()
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True, bos_token_id=1, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)

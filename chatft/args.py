@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from chatft.demo_model import DEFAULT_MODEL_DIR
 
 METHODS = ("full", "ptuning", "lora", "qlora")
+RUN_ARGS_FILE = "run_args.json"  # a run's arguments, written beside every checkpoint and read by inference
 FORMATS = ("auto", "multi-turn", "input-output", "openai", "alpaca", "sharegpt")
 
 

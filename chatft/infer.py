@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from chatft.args import RUN_ARGS_FILE
 from chatft.data.formats import FORMAT_NAMES, DataFileError, detect_format, expand_paths, load_conversations
 from chatft.data.schema import Conversation, Message
 from chatft.data.templates import (
@@ -47,7 +48,6 @@ from chatft.data.templates import (
 from chatft.demo_model import DEFAULT_MODEL_DIR
 from chatft.metrics import METRIC_NAMES, score
 
-RUN_ARGS_FILE = "run_args.json"  # written by chatft.train beside every checkpoint
 ADAPTER_CONFIG = "adapter_config.json"
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|user|>", "<|observation|>")

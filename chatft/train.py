@@ -29,7 +29,7 @@ import yaml
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments, Trainer, TrainerCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from chatft.args import DataArguments, ModelArguments
+from chatft.args import RUN_ARGS_FILE, DataArguments, ModelArguments
 from chatft.collator import PackedCollator, PadCollator
 from chatft.data.check import report_lines
 from chatft.data.dataset import PreparedData, prepare_data
@@ -41,7 +41,6 @@ from chatft.methods import load_model, load_tokenizer
 from chatft.packing import PackedDataset, register_packed_sdpa
 from chatft.plot import plot_loss
 
-RUN_ARGS_FILE = "run_args.json"
 DEFAULT_CACHE_DIR = "~/.cache/chatft/preprocessed"
 
 # --activation_checkpointing unset ("auto"): on only where it pays, i.e. where a step's activations would not fit

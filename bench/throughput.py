@@ -33,10 +33,12 @@ sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data" / "ruozhiba_qa.json"
 HELD_OUT = 64  # the last records of the data file: evaluated, never trained on
 
-# variant -> finetune arguments (every speed/memory setting spelled out, so defaults do not leak in)
+# variant -> finetune arguments (every speed/memory setting spelled out, so defaults do not leak in).
+# padded_plain is what a plain Trainer script does: file order, the model's own loss, no checkpointing, glibc's
+# default allocator behaviour. Every other variant has chatft's malloc_mmap_threshold unless it says _glibc.
 VARIANTS: dict[str, list[str]] = {
     "padded_plain": ["--packing", "False", "--train_sampling_strategy", "sequential", "--chunked_loss", "False",
-                     "--activation_checkpointing", "False"],
+                     "--activation_checkpointing", "False", "--malloc_mmap_threshold", "0"],
     "padded": ["--packing", "False", "--train_sampling_strategy", "sequential", "--chunked_loss", "True",
                "--activation_checkpointing", "False"],
     "grouped": ["--packing", "False", "--group_by_length", "True", "--chunked_loss", "True",
@@ -45,6 +47,8 @@ VARIANTS: dict[str, list[str]] = {
                    "--activation_checkpointing", "True"],
     "packed_plain": ["--packing", "True", "--chunked_loss", "False", "--activation_checkpointing", "False"],
     "packed": ["--packing", "True", "--chunked_loss", "True", "--activation_checkpointing", "False"],
+    "packed_glibc": ["--packing", "True", "--chunked_loss", "True", "--activation_checkpointing", "False",
+                     "--malloc_mmap_threshold", "0"],
     "packed_gc": ["--packing", "True", "--chunked_loss", "True", "--activation_checkpointing", "True"],
     "packed_gc2": ["--packing", "True", "--chunked_loss", "True", "--activation_checkpointing", "True",
                    "--activation_checkpointing_kwargs", '{"every_n_layers": 2}'],

@@ -4,6 +4,7 @@ Defaults that differ from transformers' TrainingArguments (everything else is th
 - output_dir "output/finetune", logging_steps 10, save_steps 100, remove_unused_columns False (our datasets
   hold only what the model takes), report_to none unless asked.
 - prediction_loss_only True: evaluation computes the loss only (no logits gathered over the eval set).
+- Added: malloc_mmap_threshold 1 MiB (Linux: freed tensors go back to the system; halves the CPU peak RSS).
 - Added: chunked_loss True / loss_chunk_size (chatft.loss: the loss at trained positions only, LM head in
   chunks), group_by_length True (padded batches only: examples of similar length batched together).
 - activation_checkpointing: unset means "auto": on only where a step would not fit comfortably without it
@@ -72,6 +73,15 @@ class TrainArguments(Seq2SeqTrainingArguments):
     )
     loss_chunk_size: int = field(
         default=DEFAULT_CHUNK_SIZE, metadata={"help": "Trained positions per LM-head chunk (--chunked_loss)."}
+    )
+    malloc_mmap_threshold: int = field(
+        default=1 << 20,
+        metadata={
+            "help": "Linux (glibc): blocks of at least this many bytes (tensors) get their own memory map and go "
+            "back to the system when freed. glibc's default raises this threshold as a run goes, so activations "
+            "land in a heap that fragments: about twice the peak RSS on the CPU (bench/RESULTS.md). 0: glibc's "
+            "default. Ignored where MALLOC_MMAP_THRESHOLD_ is set."
+        },
     )
     group_by_length: bool = field(
         default=True,
@@ -158,6 +168,21 @@ def load_split(
     for line in report_lines(prepared, tokenizer):
         log(line)
     return prepared
+
+
+def set_malloc_mmap_threshold(threshold: int) -> bool:
+    """glibc mallopt(M_MMAP_THRESHOLD): a fixed threshold (which also turns off glibc's dynamic raising of it).
+    True when set; False elsewhere (not glibc, 0, or the environment already chose)."""
+    if threshold <= 0 or "MALLOC_MMAP_THRESHOLD_" in os.environ or not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_mmap_threshold = -3
+        return bool(libc.mallopt(m_mmap_threshold, int(threshold)))
+    except (OSError, AttributeError):
+        return False
 
 
 def preprocessing_cache_dir(data_args: DataArguments) -> str | None:
@@ -472,6 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     is_main = training_args.process_index == 0
     log = print if is_main else (lambda _msg: None)
+    set_malloc_mmap_threshold(training_args.malloc_mmap_threshold)
     try:
         tokenizer = load_tokenizer(model_args)
         with training_args.main_process_first(desc="preprocessing"):

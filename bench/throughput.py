@@ -34,26 +34,28 @@ DATA = ROOT.parent / "shared" / "data" / "ruozhiba_qa.json"
 HELD_OUT = 64  # the last records of the data file: evaluated, never trained on
 
 # variant -> finetune arguments (every speed/memory setting spelled out, so defaults do not leak in).
-# padded_plain is what a plain Trainer script does: file order, the model's own loss, no checkpointing, glibc's
-# default allocator behaviour. Every other variant has chatft's malloc_mmap_threshold unless it says _glibc.
+# padded_plain is what a plain Trainer script does: file order, the model's own loss, no checkpointing.
+_GLIBC = ["--malloc_mmap_threshold", "0"]
+_LOWMEM = ["--malloc_mmap_threshold", str(1 << 20)]
 VARIANTS: dict[str, list[str]] = {
     "padded_plain": ["--packing", "False", "--train_sampling_strategy", "sequential", "--chunked_loss", "False",
-                     "--activation_checkpointing", "False", "--malloc_mmap_threshold", "0"],
+                     "--activation_checkpointing", "False", *_GLIBC],
     "padded": ["--packing", "False", "--train_sampling_strategy", "sequential", "--chunked_loss", "True",
-               "--activation_checkpointing", "False"],
+               "--activation_checkpointing", "False", *_GLIBC],
     "grouped": ["--packing", "False", "--group_by_length", "True", "--chunked_loss", "True",
-                "--activation_checkpointing", "False"],
+                "--activation_checkpointing", "False", *_GLIBC],
     "grouped_gc": ["--packing", "False", "--group_by_length", "True", "--chunked_loss", "True",
-                   "--activation_checkpointing", "True"],
-    "packed_plain": ["--packing", "True", "--chunked_loss", "False", "--activation_checkpointing", "False"],
-    "packed": ["--packing", "True", "--chunked_loss", "True", "--activation_checkpointing", "False"],
-    "packed_glibc": ["--packing", "True", "--chunked_loss", "True", "--activation_checkpointing", "False",
-                     "--malloc_mmap_threshold", "0"],
-    "packed_gc": ["--packing", "True", "--chunked_loss", "True", "--activation_checkpointing", "True"],
+                   "--activation_checkpointing", "True", *_GLIBC],
+    "packed_plain": ["--packing", "True", "--chunked_loss", "False", "--activation_checkpointing", "False", *_GLIBC],
+    "packed": ["--packing", "True", "--chunked_loss", "True", "--activation_checkpointing", "False", *_GLIBC],
+    "packed_gc": ["--packing", "True", "--chunked_loss", "True", "--activation_checkpointing", "True", *_GLIBC],
     "packed_gc2": ["--packing", "True", "--chunked_loss", "True", "--activation_checkpointing", "True",
-                   "--activation_checkpointing_kwargs", '{"every_n_layers": 2}'],
+                   "--activation_checkpointing_kwargs", '{"every_n_layers": 2}', *_GLIBC],
+    # the low-memory configuration: checkpointing, and freed tensors handed back to the system
+    "packed_lowmem": ["--packing", "True", "--chunked_loss", "True", "--activation_checkpointing", "True", *_LOWMEM],
+    "packed_mmap": ["--packing", "True", "--chunked_loss", "True", "--activation_checkpointing", "False", *_LOWMEM],
 }  # fmt: skip
-DEFAULT_VARIANTS = ["padded_plain", "padded", "grouped", "packed", "packed_gc"]
+DEFAULT_VARIANTS = ["padded_plain", "padded", "grouped", "packed", "packed_gc", "packed_lowmem"]
 
 # Qwen2-0.5B's shape (random weights): for the GPU figures
 MODEL_CONFIGS = {

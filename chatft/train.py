@@ -4,7 +4,7 @@ Defaults that differ from transformers' TrainingArguments (everything else is th
 - output_dir "output/finetune", logging_steps 10, save_steps 100, remove_unused_columns False (our datasets
   hold only what the model takes), report_to none unless asked.
 - prediction_loss_only True: evaluation computes the loss only (no logits gathered over the eval set).
-- Added: malloc_mmap_threshold 1 MiB (Linux: freed tensors go back to the system; halves the CPU peak RSS).
+- Added: malloc_mmap_threshold (off by default; 1048576 trades ~30% CPU speed for about half the peak RSS).
 - Added: chunked_loss True / loss_chunk_size (chatft.loss: the loss at trained positions only, LM head in
   chunks), group_by_length True (padded batches only: examples of similar length batched together).
 - activation_checkpointing: unset means "auto": on only where a step would not fit comfortably without it
@@ -75,12 +75,13 @@ class TrainArguments(Seq2SeqTrainingArguments):
         default=DEFAULT_CHUNK_SIZE, metadata={"help": "Trained positions per LM-head chunk (--chunked_loss)."}
     )
     malloc_mmap_threshold: int = field(
-        default=1 << 20,
+        default=0,
         metadata={
-            "help": "Linux (glibc): blocks of at least this many bytes (tensors) get their own memory map and go "
-            "back to the system when freed. glibc's default raises this threshold as a run goes, so activations "
-            "land in a heap that fragments: about twice the peak RSS on the CPU (bench/RESULTS.md). 0: glibc's "
-            "default. Ignored where MALLOC_MMAP_THRESHOLD_ is set."
+            "help": "Linux (glibc), to save memory: blocks of at least this many bytes (tensors) get their own "
+            "memory map and go back to the system when freed, e.g. 1048576. glibc's default raises this threshold "
+            "as a run goes, so activations land in a heap that fragments; fixing it at 1 MiB halves the CPU peak "
+            "RSS but costs ~30% speed in page faults (bench/RESULTS.md). 0: glibc's default. Ignored where "
+            "MALLOC_MMAP_THRESHOLD_ is set."
         },
     )
     group_by_length: bool = field(

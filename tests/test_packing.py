@@ -326,3 +326,11 @@ def test_checkpointing_is_on_by_default_only_where_memory_is_short(tmp_path):
     assert not decide("ptuning", 1)  # never: peft's prefix forbids it
     explicit = TrainArguments(output_dir=str(tmp_path / "o"), activation_checkpointing=False, report_to=[])
     assert not explicit.checkpointing_auto
+
+
+def test_malloc_threshold_is_left_alone_unless_asked(monkeypatch):
+    from chatft.train import set_malloc_mmap_threshold
+
+    assert not set_malloc_mmap_threshold(0)  # the default: glibc's own behaviour
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert not set_malloc_mmap_threshold(1 << 20)  # the environment's choice wins

@@ -129,6 +129,11 @@ def make_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("modes")
     r.add_argument("--prompt", help="answer this one prompt and exit")
     r.add_argument("--system", help="system message for --prompt and chat")
+    r.add_argument(
+        "--tools",
+        help="JSON file: the tools offered in --prompt and chat, as a training record's `tools` (a list), "
+        "rendered as in training",
+    )
     r.add_argument("--show_prompt", action="store_true", help="print each rendered prompt to stderr")
     r.add_argument("--input_file", nargs="+", help="batch prediction: data files in any training format")
     r.add_argument(
@@ -177,7 +182,10 @@ def run(args: argparse.Namespace) -> int:
         set_seed(args.seed)
     if not args.do_sample and (args.temperature is not None or args.top_p is not None):
         _stderr("note: --temperature and --top_p only apply with --do_sample; decoding is greedy")
+    tools = read_tools(args.tools) if args.tools else None
     session = load_session(args, say=_stderr)
+    if tools is not None and session.raw:
+        raise InferError("--tools needs chat prompts: this checkpoint answers raw prompts (see --raw)")
     options = GenerationOptions(args.max_new_tokens, args.do_sample, args.temperature, args.top_p)
     if args.input_file:
         predict_file(session, options, args.input_file, args.input_format, args.output_file, args.batch_size)
@@ -185,9 +193,9 @@ def run(args: argparse.Namespace) -> int:
             return evaluate_files(args.output_file, args.compare, args.metrics_file)
         return 0
     if args.prompt is not None:
-        print(answer(session, options, args.prompt, args.system))
+        print(answer(session, options, args.prompt, args.system, tools))
         return 0
-    return chat(session, options, args.system)
+    return chat(session, options, args.system, tools)
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -207,6 +215,21 @@ def check_args(args: argparse.Namespace) -> None:
         raise InferError("--batch_size and --max_new_tokens must be at least 1")
     if args.pre_seq_len is not None and not args.pt_checkpoint:
         raise InferError("--pre_seq_len only checks a --pt-checkpoint")
+    if args.tools and (args.input_file or args.predictions):
+        raise InferError("--tools is for --prompt and chat; batch prediction takes each record's own tools")
+
+
+def read_tools(path: str) -> list:
+    """The --tools file: a JSON list of tool definitions (any JSON each, as in training data)."""
+    try:
+        tools = json.loads(Path(path).read_text(encoding="utf-8-sig"))
+    except OSError as e:
+        raise InferError(f"--tools {path}: {e.strerror or e}") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InferError(f"--tools {path}: not JSON ({e})") from e
+    if not isinstance(tools, list) or not tools:
+        raise InferError(f"--tools {path}: expected a non-empty JSON list of tool definitions")
+    return tools
 
 
 def _stderr(message: str) -> None:
@@ -584,11 +607,13 @@ def render_prompt(session: Session, conv: Conversation) -> tuple[str, list[int]]
     return text, tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def conversation_for(session: Session, history: list[Message], system: str | None) -> Conversation:
+def conversation_for(
+    session: Session, history: list[Message], system: str | None, tools: list | None = None
+) -> Conversation:
     if session.raw:
         return Conversation([history[-1]], raw=True)
     head = [Message("system", system)] if system else []
-    return Conversation(head + history)
+    return Conversation(head + history, tools=tools)
 
 
 def split_last_answer(conv: Conversation) -> tuple[Conversation, str]:
@@ -655,8 +680,14 @@ def decode(session: Session, ids: list[int]) -> str:
     return session.tokenizer.decode(ids, skip_special_tokens=True).rstrip("\ufffd").strip()
 
 
-def answer(session: Session, options: GenerationOptions, prompt: str, system: str | None = None) -> str:
-    conv = conversation_for(session, [Message("user", prompt)], system)
+def answer(
+    session: Session,
+    options: GenerationOptions,
+    prompt: str,
+    system: str | None = None,
+    tools: list | None = None,
+) -> str:
+    conv = conversation_for(session, [Message("user", prompt)], system, tools)
     text, ids = render_prompt(session, conv)
     _show(session, text)
     return decode(session, generate(session, [ids], options)[0])
@@ -670,21 +701,25 @@ def _show(session: Session, text: str) -> None:
 # ---------------------------------------------------------------------------------------------------- chat
 
 
-def chat(session: Session, options: GenerationOptions, system: str | None = None) -> int:
+def chat(
+    session: Session, options: GenerationOptions, system: str | None = None, tools: list | None = None
+) -> int:
     """Multi-turn chat on the terminal, the answer streamed token by token. Lines come from stdin (a pipe
     works); `clear` forgets the history; `exit` or the end of the input ends (Ctrl-C too, with status 130)."""
     echo = not sys.stdin.isatty()  # piped input is not shown by the terminal: show it in the transcript
     note = "raw prompts: each line is answered on its own, no history; " if session.raw else ""
     print(f"Chat ({note}'clear' forgets the history, 'exit' ends).", flush=True)
     try:
-        _chat_loop(session, options, system, echo)
+        _chat_loop(session, options, system, tools, echo)
     except KeyboardInterrupt:
         print(flush=True)
         return 130
     return 0
 
 
-def _chat_loop(session: Session, options: GenerationOptions, system: str | None, echo: bool) -> None:
+def _chat_loop(
+    session: Session, options: GenerationOptions, system: str | None, tools: list | None, echo: bool
+) -> None:
     from transformers import TextStreamer
 
     history: list[Message] = []
@@ -706,7 +741,7 @@ def _chat_loop(session: Session, options: GenerationOptions, system: str | None,
         if not text:
             continue
         history.append(Message("user", text))
-        prompt_text, ids = render_prompt(session, conversation_for(session, history, system))
+        prompt_text, ids = render_prompt(session, conversation_for(session, history, system, tools))
         _show(session, prompt_text)
         print("\nAssistant: ", end="", flush=True)
         streamer = TextStreamer(session.tokenizer, skip_prompt=True, skip_special_tokens=True)

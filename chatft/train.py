@@ -4,7 +4,7 @@ Defaults that differ from transformers' TrainingArguments (everything else is th
 - output_dir "output/finetune", logging_steps 10, save_steps 100, remove_unused_columns False (our datasets
   hold only what the model takes), report_to none unless asked.
 - prediction_loss_only True: evaluation computes the loss only (no logits gathered over the eval set).
-- Added: malloc_mmap_threshold (off by default; 1048576 trades ~30% CPU speed for about half the peak RSS).
+- Added: malloc_mmap_threshold (off by default; 1048576 trades 26-41% of the CPU speed for 0.4-0.7x the peak RSS).
 - Added: chunked_loss True / loss_chunk_size (chatft.loss: the loss at trained positions only, LM head in
   chunks), group_by_length True (padded batches only: examples of similar length batched together).
 - activation_checkpointing: unset means "auto": on only where a step would not fit comfortably without it
@@ -45,8 +45,8 @@ from chatft.plot import plot_loss
 DEFAULT_CACHE_DIR = "~/.cache/chatft/preprocessed"
 
 # --activation_checkpointing unset ("auto"): on only where it pays, i.e. where a step's activations would not fit
-# comfortably without it. It costs ~25-30 % more time per step and halves the peak memory (bench/RESULTS.md), so
-# with memory to spare it is a pure loss. ptuning never (peft's prefix cache forbids it).
+# comfortably without it. It costs 5-36 % more time per step and cuts the peak memory to ~0.6x (bench/RESULTS.md),
+# so with memory to spare it is a pure loss. ptuning never (peft's prefix cache forbids it).
 AUTO_CHECKPOINTING_SHARE = 0.5  # on when the estimated peak exceeds this share of the memory available
 
 
@@ -79,9 +79,9 @@ class TrainArguments(Seq2SeqTrainingArguments):
         metadata={
             "help": "Linux (glibc), to save memory: blocks of at least this many bytes (tensors) get their own "
             "memory map and go back to the system when freed, e.g. 1048576. glibc's default raises this threshold "
-            "as a run goes, so activations land in a heap that fragments; fixing it at 1 MiB halves the CPU peak "
-            "RSS but costs ~30% speed in page faults (bench/RESULTS.md). 0: glibc's default. Ignored where "
-            "MALLOC_MMAP_THRESHOLD_ is set."
+            "as a run goes, so activations land in a heap that fragments; fixing it at 1 MiB (with checkpointing) "
+            "took the CPU peak RSS to 0.42x (LoRA) / 0.73x (full) at 0.59x / 0.74x the speed: page faults "
+            "(bench/RESULTS.md). 0: glibc's default. Ignored where MALLOC_MMAP_THRESHOLD_ is set."
         },
     )
     group_by_length: bool = field(
@@ -281,7 +281,8 @@ def training_datasets(
         packed_train = PackedDataset(train.dataset, data_args.max_seq_length, train.stats.lengths)
         log(packed_train.summary())
         per_step = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
-        per_step *= max(1, training_args.world_size)
+        # a data set smaller than a step is all of it
+        per_step = min(per_step * max(1, training_args.world_size), len(packed_train))
         rows_per_example = len(packed_train) / max(1, len(packed_train.lengths))
         log(
             f"packing: a step is {per_step} rows, about {per_step / max(rows_per_example, 1e-9):.1f} examples "
@@ -499,6 +500,8 @@ def main(argv: list[str] | None = None) -> int:
     is_main = training_args.process_index == 0
     log = print if is_main else (lambda _msg: None)
     set_malloc_mmap_threshold(training_args.malloc_mmap_threshold)
+    if training_args.device.type == "cpu":
+        training_args.dataloader_pin_memory = False  # nothing to pin for; torch would warn at every epoch
     try:
         tokenizer = load_tokenizer(model_args)
         with training_args.main_process_first(desc="preprocessing"):

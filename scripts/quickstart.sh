@@ -2,12 +2,12 @@
 # README command 1: a real fine-tune of the default model on real data, from nothing, on a CPU.
 #   install what is missing -> get SmolLM2-135M-Instruct -> ruozhiba (alpaca) to OpenAI messages -> 7:3 split
 #   -> LoRA fine-tune -> base and tuned answers on held-out questions -> before/after table, ROUGE/BLEU, loss.png
-# Every variable can be set from the environment, e.g. STEPS=60 N_HELDOUT=4 bash scripts/quickstart.sh
+# Every variable can be set from the environment, e.g. STEPS=40 N_HELDOUT=4 bash scripts/quickstart.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data/ruozhiba_qa.json}
 WORK=${WORK:-output/quickstart}
-STEPS=${STEPS:-60}
+STEPS=${STEPS:-120}
 BATCH=${BATCH:-2}  # packed rows of up to 512 tokens: about 5 ruozhiba examples each
 LR=${LR:-1e-3}
 N_HELDOUT=${N_HELDOUT:-8}

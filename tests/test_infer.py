@@ -339,6 +339,29 @@ def test_chat_keeps_history_clears_it_and_exits(runs, capsys, monkeypatch):
     assert out.count("Assistant: ") == 3 and "(history cleared)" in out and "User: hi\n" in out
 
 
+def test_tools_are_offered_in_prompt_mode_as_in_training(runs, tmp_path, capsys):
+    tools = [{"name": "get_weather", "parameters": {"city": "string"}}]
+    path = tmp_path / "tools.json"
+    path.write_text(json.dumps(tools))
+    argv = ["--adapter", str(runs["lora"]), "--show_prompt", "--max_new_tokens", "2", "--prompt", "hi"]
+    assert infer.main([*argv, "--tools", str(path), "--system", "ok"]) == 0
+    prompt = re.search(r"--- prompt ---\n(.*?)\n--- end of prompt ---", capsys.readouterr().err, re.S).group(
+        1
+    )
+    tools_text = (
+        "Answer the following questions as best as you can. You have access to the following tools:\n"
+    )
+    tools_text += json.dumps(tools, indent=4)
+    assert prompt == (
+        f"<|im_start|>system\nok\n\n{tools_text}<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    )
+    for content, expected in [("{not json", "not JSON"), ("{}", "expected a non-empty JSON list")]:
+        path.write_text(content)
+        assert infer.main([*argv, "--tools", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --tools ") and expected in err and "Traceback" not in err
+
+
 def test_chat_ends_cleanly_at_end_of_input(runs, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n"))
     assert infer.main(["--model", str(runs["base"]), "--max_new_tokens", "2"]) == 0

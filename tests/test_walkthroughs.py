@@ -70,8 +70,11 @@ def test_tool_alpaca_multiturn_ptuning_then_chat(tmp_path):
     )  # fmt: skip
     assert len(losses(out)) == 2
     question = json.loads(data.read_text().splitlines()[0])["conversations"][0]["content"]
+    tools = "data/tool_alpaca_tools.json"  # the README's tools file: the first sample record's own tools
+    assert json.loads((ROOT / tools).read_text()) == json.loads(data.read_text().splitlines()[0])["tools"]
     answer = sh(
-        f"python inference.py --pt-checkpoint {out} --prompt {json.dumps(question)} --max_new_tokens 8"
+        f"python inference.py --pt-checkpoint {out} --tools {tools} --prompt {json.dumps(question)} "
+        "--max_new_tokens 8"
     )
     assert answer.strip()
 

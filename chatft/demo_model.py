@@ -263,9 +263,6 @@ def main(argv: list[str] | None = None) -> int:
         "--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="where the extracted GGUF is kept"
     )
     args = parser.parse_args(argv)
-    # Everything is local; never reach for the Hugging Face hub.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     ensure_demo_model(args.out, force=args.force, cache_dir=args.cache_dir)
     return 0
 

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from toy import make_tokenizer
-from transformers import LlamaConfig, LlamaForCausalLM
+from toy import make_tokenizer, save_tiny_model
 
 from chatft import infer
 from chatft.data.schema import Conversation, Message
@@ -55,24 +54,7 @@ def write_jsonl(path: Path, records: list) -> Path:
 
 
 def tiny_model(folder: Path, hidden: int = 64, layers: int = 2) -> Path:
-    tokenizer = make_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=2 * hidden,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_model(folder, hidden, layers, max_position_embeddings=256)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from toy import tiny_llama
+from transformers import LlamaForCausalLM
 
 from chatft.loss import causal_lm_loss, chunked_cross_entropy, unsupported_reason
 
@@ -15,12 +16,7 @@ VOCAB = 128
 
 
 def tiny(tied: bool = True, **extra) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=tied, use_cache=False, **extra,
-    )  # fmt: skip
-    return LlamaForCausalLM(config)
+    return tiny_llama(VOCAB, tie_word_embeddings=tied, use_cache=False, **extra)
 
 
 def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from toy import CHATS as TOY_CHATS
-from toy import openai_jsonl, save_tiny_model
+from toy import openai_jsonl, save_tiny_model, tiny_llama
 from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
 from chatft.collator import PackedCollator, PadCollator
@@ -51,12 +51,7 @@ class ListDataset(torch.utils.data.Dataset):
 
 
 def tiny_model(attn: str) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=True, use_cache=False,
-    )  # fmt: skip
-    model = LlamaForCausalLM(config)
+    model = tiny_llama(VOCAB, use_cache=False)
     if attn == PACKED_SDPA:
         register_packed_sdpa()
     model.set_attn_implementation(attn)

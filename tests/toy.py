@@ -72,17 +72,28 @@ def openai_jsonl(chats: list) -> str:
     )
 
 
-def save_tiny_model(folder, seed: int = 0) -> None:
-    """A 2-layer Llama sized for the toy tokenizer, saved with it (random weights, fixed seed)."""
+def tiny_llama(vocab_size: int, hidden: int = 64, layers: int = 2, seed: int = 0, **config):
+    """A small random Llama (4 heads, 2 key/value heads, tied embeddings unless config says otherwise): the same
+    weights for the same shape and seed."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = make_tokenizer()
-    torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=True, bos_token_id=1, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, **{"tie_word_embeddings": True, **config},
     )  # fmt: skip
-    LlamaForCausalLM(config).save_pretrained(folder)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def save_tiny_model(folder, hidden: int = 64, layers: int = 2, seed: int = 0, **config):
+    """tiny_llama sized for the toy tokenizer, saved with it in folder (returned)."""
+    tok = make_tokenizer()
+    ids = {
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+    }
+    tiny_llama(len(tok), hidden, layers, seed, **ids, **config).save_pretrained(folder)
     tok.save_pretrained(folder)
+    return folder

@@ -4,10 +4,11 @@
   example is split, none is dropped, and rows come out ~99 % full on chat data.
 - Inside a row, position ids restart at 0 for every example, and the first label of every example is -100, so the
   last token of one example is never trained to predict the first token of the next.
-- Isolation (no token attends across an example boundary) comes from the position ids alone: the collator passes
-  no attention mask and the forward runs without a cache, and transformers then builds a block-diagonal causal mask
-  for sdpa / eager / flex attention and cu_seqlens for flash attention (`masking_utils.find_packed_sequence_indices`,
-  `modeling_flash_attention_utils._is_packed_sequence`). tests/test_packing.py proves it through the Trainer.
+- Isolation (no token attends across an example boundary): the collator passes no attention mask and the forward
+  runs without a cache. For sdpa, chatft.train installs PACKED_SDPA below (one causal sdpa call per example); for
+  eager and flex attention transformers builds a block-diagonal causal mask from where the position ids restart
+  (`masking_utils.find_packed_sequence_indices`), and flash attention gets cu_seqlens from the collator.
+  tests/test_packing.py proves it through the Trainer.
 - The padding at the end of a short row gets position ids 0, 1, ... too: it is a separate "example" of its own,
   never attended to by the real tokens, with labels -100.
 

@@ -210,9 +210,7 @@ def resolve_checkpointing(
     if not getattr(training_args, "checkpointing_auto", False):
         return
     on, why = auto_checkpointing(model_args, training_args, data_args.max_seq_length)
-    training_args.gradient_checkpointing = on
-    if hasattr(training_args, "activation_checkpointing"):
-        training_args.activation_checkpointing = on
+    training_args.gradient_checkpointing = training_args.activation_checkpointing = on
     log(f"activation checkpointing: {'on' if on else 'off'} ({why})")
 
 
@@ -306,6 +304,11 @@ def training_datasets(
     return train_set, evaluation.dataset.select_columns(columns) if evaluation else None
 
 
+def base_model(model):
+    """The transformers model under a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def packed_attention(model, attn_implementation: str, log) -> str:
     """The attention a packed run uses: sdpa becomes chatft's packed sdpa (one causal sdpa call per example, no
     block-diagonal mask over the row; chatft.packing), the others stay (their isolation comes from the position
@@ -313,8 +316,7 @@ def packed_attention(model, attn_implementation: str, log) -> str:
     if (attn_implementation or "sdpa") != "sdpa":
         return attn_implementation
     name = register_packed_sdpa()
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.set_attn_implementation(name)
+    base_model(model).set_attn_implementation(name)
     log("packing: attention by torch sdpa, causal, once per example (no block mask over the row)")
     return name
 
@@ -426,7 +428,7 @@ def generation_eval_for(model_args: ModelArguments, data_args: DataArguments, tr
     max_new_tokens = training_args.generation_max_length or 128
 
     def scores(model) -> dict[str, float]:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = base_model(model)
         attention, training = base.config._attn_implementation, model.training
         base.set_attn_implementation(
             model_args.attn_implementation
@@ -539,8 +541,9 @@ def main(argv: list[str] | None = None) -> int:
         "training": training_args.to_dict(),
     }
     train_set, eval_set = training_datasets(train, evaluation, packing, data_args, training_args, log)
+    attn = model_args.attn_implementation
     if packing:
-        attn = packed_attention(model, model_args.attn_implementation, log)
+        attn = packed_attention(model, attn, log)
         collator = PackedCollator.for_backend(tokenizer.pad_token_id, attn)
     else:
         collator = PadCollator(tokenizer.pad_token_id)
@@ -558,10 +561,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     trainer.train(resume_from_checkpoint=resume)
     model.config.use_cache = True  # off for training only; the saved model generates with its cache
-    if packing and model_args.attn_implementation == "sdpa":  # (config.json never records the attention)
-        (model.get_base_model() if hasattr(model, "get_base_model") else model).set_attn_implementation(
-            "sdpa"
-        )
+    if attn != model_args.attn_implementation:  # packing's own sdpa; config.json never records the attention
+        base_model(model).set_attn_implementation(model_args.attn_implementation)
     trainer.save_model(training_args.output_dir)
     if trainer.is_world_process_zero():
         write_run_args(Path(training_args.output_dir), run_args)

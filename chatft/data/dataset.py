@@ -63,10 +63,8 @@ class DataStats:
                 f"tokens per example: min {s[0]}, median {statistics.median(s):g}, p95 {p95}, max {s[-1]}; "
                 f"total {total}, trained {self.trained_tokens} ({100 * self.trained_tokens / total:.1f}%)"
             )
-        if self.cache:
-            out.append(f"preprocessing took {self.seconds:.1f} s (loaded from the cache {self.cache})")
-        else:
-            out.append(f"preprocessing took {self.seconds:.1f} s")
+        source = f" (loaded from the cache {self.cache})" if self.cache else ""
+        out.append(f"preprocessing took {self.seconds:.1f} s{source}")
         return out
 
 

@@ -537,7 +537,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run_args = {
         "model": dataclasses.asdict(model_args),
-        "data": dataclasses.asdict(data_args) | {"formats": train.formats},
+        # closing_tokens: the ends of turn the data trained, where inference stops too
+        "data": dataclasses.asdict(data_args)
+        | {"formats": train.formats, "closing_tokens": train.stats.closing_tokens},
         "training": training_args.to_dict(),
     }
     train_set, eval_set = training_datasets(train, evaluation, packing, data_args, training_args, log)

@@ -562,7 +562,10 @@ def _check_all_weights_loaded(model: Any, path: str, misfit: str) -> None:
 
 
 def stop_token_ids(
-    tokenizer: Any, template: Template | None = None, generation_config: Any = None, run_args: dict | None = None
+    tokenizer: Any,
+    template: Template | None = None,
+    generation_config: Any = None,
+    run_args: dict | None = None,
 ) -> list[int]:
     """Where generation stops: the model's generation-config EOS ids (Llama-3, Gemma and Phi-3 list several)
     ∪ the tokenizer's EOS ∪ the closing tokens training trains for the template (closing_token_ids) ∪ those the

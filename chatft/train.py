@@ -36,7 +36,7 @@ from chatft.data.check import report_lines
 from chatft.data.dataset import PreparedData, prepare_data
 from chatft.data.formats import DataFileError, load_conversations
 from chatft.data.templates import IGNORE_INDEX, TemplateError, get_template
-from chatft.infer import generation_scores
+from chatft.inference.evaluation import generation_scores
 from chatft.loss import DEFAULT_CHUNK_SIZE, causal_lm_loss, unsupported_reason
 from chatft.methods import load_model, load_tokenizer
 from chatft.packing import PackedDataset, register_packed_sdpa

@@ -1,4 +1,4 @@
-"""inference.py (chatft.infer) and scripts/merge_adapter.py on a tiny Llama with the toy tokenizer, trained for a few
+"""inference.py (chatft.inference) and scripts/merge_adapter.py on a tiny Llama with the toy tokenizer, trained for a few
 steps by chatft.train.main per method; real_model tests run the real SmolLM2-135M-Instruct on AdvertiseGen."""
 
 from __future__ import annotations
@@ -15,10 +15,12 @@ import pytest
 import torch
 from toy import make_tokenizer, save_tiny_model
 
-from chatft import infer
 from chatft.data.schema import Conversation, Message
 from chatft.demo_model import DEFAULT_MODEL_DIR
-from chatft.infer import GenerationOptions, generate, load_session, make_parser, render_prompt
+from chatft.inference import cli, evaluation, generation, loading, merge
+from chatft.inference.cli import make_parser
+from chatft.inference.generation import GenerationOptions, generate, render_prompt
+from chatft.inference.loading import load_session
 from chatft.train import main as train_main
 
 # peft 0.21 reads the deprecated `is_gradient_checkpointing` of transformers 5
@@ -116,7 +118,7 @@ def test_each_checkpoint_kind_loads_and_its_reloaded_checkpoint_answers_the_same
 
 def test_ptuning_settings_come_from_the_checkpoint(runs, capsys):
     for name, tokens, projection in [("ptuning", 4, False), ("ptuning-proj", 3, True)]:
-        rc = infer.main(["--pt-checkpoint", str(runs[name]), "--prompt", "hi", "--max_new_tokens", "2"])
+        rc = cli.main(["--pt-checkpoint", str(runs[name]), "--prompt", "hi", "--max_new_tokens", "2"])
         assert rc == 0
         err = capsys.readouterr().err
         assert f"base model: {runs['base']} (from {runs[name]}/adapter_config.json)" in err
@@ -124,7 +126,7 @@ def test_ptuning_settings_come_from_the_checkpoint(runs, capsys):
 
 
 def test_prompt_mode_prints_the_answer(runs, capsys):
-    assert infer.main(["--adapter", str(runs["lora"]), "--prompt", "hi", "--max_new_tokens", "6"]) == 0
+    assert cli.main(["--adapter", str(runs["lora"]), "--prompt", "hi", "--max_new_tokens", "6"]) == 0
     out, err = capsys.readouterr()
     assert out.startswith(HELLO) and out.endswith("\n") and out.count("\n") == 1
     assert "loaded LoRA adapter" in err and "stops at <|im_end|>;" in err  # ChatML's one end of turn
@@ -132,7 +134,7 @@ def test_prompt_mode_prints_the_answer(runs, capsys):
 
 def test_default_model_is_announced():
     said = []
-    ckpt = infer.resolve_checkpoint(None, say=said.append) if DEFAULT_MODEL_DIR.is_dir() else None
+    ckpt = loading.resolve_checkpoint(None, say=said.append) if DEFAULT_MODEL_DIR.is_dir() else None
     if ckpt is None:
         pytest.skip("the default model is not prepared")
     assert ckpt.model_path == str(DEFAULT_MODEL_DIR) and ckpt.kind == "base"
@@ -157,16 +159,17 @@ def test_template_and_tokenizer_default_to_the_checkpoints(runs, tmp_path):
     assert session.template.chat_template is None  # the tokenizer's own (ChatML)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (adapter / name).unlink()
-    assert infer.resolve_checkpoint(None, adapter=str(adapter), say=quiet).tokenizer_path == str(runs["base"])
+    ckpt = loading.resolve_checkpoint(None, adapter=str(adapter), say=quiet)
+    assert ckpt.tokenizer_path == str(runs["base"])
 
 
 def test_raw_prompts_for_a_checkpoint_trained_on_input_output_data(runs, tmp_path):
     data = write_jsonl(tmp_path / "io.jsonl", [{"prompt": "hi", "response": "hello"}])
-    assert infer.trained_on_raw({"data": {"train_format": "auto", "train_file": [str(data)]}})
-    assert infer.trained_on_raw({"data": {"train_format": "input-output", "train_file": []}})
-    assert not infer.trained_on_raw({"data": {"train_format": "auto", "train_file": [str(runs["data"])]}})
+    assert loading.trained_on_raw({"data": {"train_format": "auto", "train_file": [str(data)]}})
+    assert loading.trained_on_raw({"data": {"train_format": "input-output", "train_file": []}})
+    assert not loading.trained_on_raw({"data": {"train_format": "auto", "train_file": [str(runs["data"])]}})
     session = load_session(make_parser().parse_args(["--model", str(runs["base"]), "--raw"]), say=quiet)
-    assert render_prompt(session, infer.conversation_for(session, [Message("user", "hi")], "ok")) == (
+    assert render_prompt(session, generation.conversation_for(session, [Message("user", "hi")], "ok")) == (
         "hi",
         [20],
     )
@@ -182,7 +185,7 @@ def test_merged_lora_answers_as_the_adapter(runs, tmp_path):
     config = json.loads((base / "generation_config.json").read_text())
     (base / "generation_config.json").write_text(json.dumps(config | {"eos_token_id": [4, 10]}))
     out = tmp_path / "merged"
-    assert infer.merge_main([str(base), str(runs["lora"]), str(out)]) == 0
+    assert merge.merge_main([str(base), str(runs["lora"]), str(out)]) == 0
     for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "chat_template.jinja",
                  "run_args.json"):  # fmt: skip
         assert (out / name).is_file(), name
@@ -198,19 +201,19 @@ def test_stop_tokens_are_the_models_own_the_tokenizers_and_the_templates_ends_of
 
     tok = make_tokenizer()  # eos <|im_end|> (4)
     chatml = get_template(None, tok)
-    assert infer.stop_token_ids(tok, chatml) == [4]
+    assert loading.stop_token_ids(tok, chatml) == [4]
     # the model's own list first (Llama-3 lists <|end_of_text|>, <|eom_id|>, <|eot_id|>), none dropped
-    assert infer.stop_token_ids(tok, chatml, GenerationConfig(eos_token_id=[2, 7, 4])) == [2, 7, 4]
-    assert infer.stop_token_ids(tok, chatml, GenerationConfig(eos_token_id=9)) == [9, 4]
+    assert loading.stop_token_ids(tok, chatml, GenerationConfig(eos_token_id=[2, 7, 4])) == [2, 7, 4]
+    assert loading.stop_token_ids(tok, chatml, GenerationConfig(eos_token_id=9)) == [9, 4]
     glm = make_tokenizer(None)  # eos </s> (2); ChatGLM3 turns end at the next role token
-    assert infer.stop_token_ids(glm, NATIVE_TEMPLATES["chatglm3"]) == [2, 8, 10]
-    assert infer.stop_token_ids(glm, None) == [2]  # raw prompts: EOS
+    assert loading.stop_token_ids(glm, NATIVE_TEMPLATES["chatglm3"]) == [2, 8, 10]
+    assert loading.stop_token_ids(glm, None) == [2]  # raw prompts: EOS
     trained = {"data": {"closing_tokens": {"<|assistant|>": 3, "nope": 1}}}  # what a run's data trained
-    assert infer.stop_token_ids(glm, None, None, trained) == [2, 9]
+    assert loading.stop_token_ids(glm, None, None, trained) == [2, 9]
 
 
 def test_merge_of_a_ptuning_checkpoint_is_refused(runs, tmp_path, capsys):
-    assert infer.merge_main([str(runs["base"]), str(runs["ptuning"]), str(tmp_path / "m")]) == 2
+    assert merge.merge_main([str(runs["base"]), str(runs["ptuning"]), str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "nothing to merge" in err and "--pt-checkpoint" in err
     assert len(err.splitlines()) == 1 and not (tmp_path / "m").exists()
@@ -238,13 +241,13 @@ def test_batch_prediction_writes_a_line_per_record_and_left_padding_changes_noth
             "--output_file",
             str(out),
         ]
-        assert infer.main(argv + ["--batch_size", str(size), "--max_new_tokens", "6"]) == 0
+        assert cli.main(argv + ["--batch_size", str(size), "--max_new_tokens", "6"]) == 0
         outputs[size] = [json.loads(line) for line in out.read_text().splitlines()]
         err = capsys.readouterr().err
         assert f"invalid record: {chat}:2: (json): invalid JSON" in err
         assert "4 prediction(s) written" in err and "1 invalid record(s) skipped" in err
     rows = outputs[3]
-    assert [list(r) for r in rows] == [list(infer.PREDICTION_FIELDS)] * 4
+    assert [list(r) for r in rows] == [list(evaluation.PREDICTION_FIELDS)] * 4
     assert [(r["file"], r["record"]) for r in rows] == [
         (str(chat), 1),
         (str(chat), 3),
@@ -267,7 +270,7 @@ def test_ptuning_batches_with_left_padding_answer_as_one_at_a_time(runs, tmp_pat
         for size in ("1", "4"):
             out = tmp_path / f"{name}-{size}.jsonl"
             argv = ["--pt-checkpoint", str(runs[name]), "--input_file", str(data), "--output_file", str(out)]
-            assert infer.main(argv + ["--batch_size", size, "--max_new_tokens", "6"]) == 0
+            assert cli.main(argv + ["--batch_size", size, "--max_new_tokens", "6"]) == 0
             predictions.append([json.loads(line)["prediction"] for line in out.read_text().splitlines()])
         assert predictions[0] == predictions[1] and len(predictions[0]) == 4, name
         assert len(set(predictions[0])) > 1, name  # answers that depend on the prompt
@@ -277,7 +280,7 @@ def test_predict_then_eval_writes_the_scores(runs, tmp_path, capsys):
     data = write_jsonl(tmp_path / "d.jsonl", [openai_record(q, a) for q, a in QA])
     out = tmp_path / "p.jsonl"
     argv = ["--adapter", str(runs["lora"]), "--input_file", str(data), "--output_file", str(out), "--eval"]
-    assert infer.main(argv + ["--max_new_tokens", "6"]) == 0
+    assert cli.main(argv + ["--max_new_tokens", "6"]) == 0
     printed = capsys.readouterr().out
     assert all(
         re.search(rf"^  {name} +\d+\.\d{{4}}$", printed, re.M)
@@ -299,11 +302,11 @@ def test_eval_and_compare_of_prediction_files(tmp_path, capsys):
 
     base = write_jsonl(tmp_path / "base.jsonl", [row(1, "a b c d", "a b x d"), row(2, "hello", "bye")])
     tuned = write_jsonl(tmp_path / "tuned.jsonl", [row(1, "a b c d", "a b c d"), row(2, "hello", "hello")])
-    assert infer.main(["--eval", "--predictions", str(base), "--metrics_file", str(tmp_path / "m.json")]) == 0
+    assert cli.main(["--eval", "--predictions", str(base), "--metrics_file", str(tmp_path / "m.json")]) == 0
     assert "  rouge-1   37.5000" in capsys.readouterr().out  # (75 + 0) / 2
     assert json.loads((tmp_path / "m.json").read_text())["scores"]["rouge-2"] == pytest.approx(33.3333 / 2)
 
-    assert infer.main(["--predictions", str(tuned), "--compare", str(base)]) == 0
+    assert cli.main(["--predictions", str(tuned), "--compare", str(base)]) == 0
     out = capsys.readouterr().out
     assert "[1] d.jsonl:1" in out and "[2] d.jsonl:2" in out
     assert re.search(r"  base +\| a b x d\n  tuned +\| a b c d", out)
@@ -315,10 +318,10 @@ def test_eval_and_compare_of_prediction_files(tmp_path, capsys):
 
 
 def test_shorten_keeps_head_and_tail():
-    assert infer.shorten("a\n b   c", 10) == "a b c"
-    assert infer.shorten("0123456789" * 3, 13) == "01234 … 56789"
+    assert evaluation.shorten("a\n b   c", 10) == "a b c"
+    assert evaluation.shorten("0123456789" * 3, 13) == "01234 … 56789"
     # a CJK character takes two columns: 4 + 3 + 6
-    assert infer.shorten("半裙的腰头是借用旗袍的领型为设计", 13) == "半裙 … 为设计"
+    assert evaluation.shorten("半裙的腰头是借用旗袍的领型为设计", 13) == "半裙 … 为设计"
 
 
 # ---------------------------------------------------------------------------------------------------- chat
@@ -327,7 +330,7 @@ def test_shorten_keeps_head_and_tail():
 def test_chat_keeps_history_clears_it_and_exits(runs, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("hi\nhow are you ?\nclear\nbye\nexit\nnever read\n"))
     argv = ["--adapter", str(runs["lora"]), "--show_prompt", "--max_new_tokens", "6", "--system", "ok"]
-    assert infer.main(argv) == 0
+    assert cli.main(argv) == 0
     out, err = capsys.readouterr()
     prompts = re.findall(r"--- prompt ---\n(.*?)\n--- end of prompt ---", err, re.S)
     assert len(prompts) == 3
@@ -349,7 +352,7 @@ def test_tools_are_offered_in_prompt_mode_as_in_training(runs, tmp_path, capsys)
     path = tmp_path / "tools.json"
     path.write_text(json.dumps(tools))
     argv = ["--adapter", str(runs["lora"]), "--show_prompt", "--max_new_tokens", "2", "--prompt", "hi"]
-    assert infer.main([*argv, "--tools", str(path), "--system", "ok"]) == 0
+    assert cli.main([*argv, "--tools", str(path), "--system", "ok"]) == 0
     prompt = re.search(r"--- prompt ---\n(.*?)\n--- end of prompt ---", capsys.readouterr().err, re.S).group(
         1
     )
@@ -362,14 +365,14 @@ def test_tools_are_offered_in_prompt_mode_as_in_training(runs, tmp_path, capsys)
     )
     for content, expected in [("{not json", "not JSON"), ("{}", "expected a non-empty JSON list")]:
         path.write_text(content)
-        assert infer.main([*argv, "--tools", str(path)]) == 2
+        assert cli.main([*argv, "--tools", str(path)]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: --tools ") and expected in err and "Traceback" not in err
 
 
 def test_chat_ends_cleanly_at_end_of_input(runs, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n"))
-    assert infer.main(["--model", str(runs["base"]), "--max_new_tokens", "2"]) == 0
+    assert cli.main(["--model", str(runs["base"]), "--max_new_tokens", "2"]) == 0
     assert capsys.readouterr().out.count("Assistant: ") == 1
 
 
@@ -439,7 +442,7 @@ def test_bad_checkpoints_are_one_error_line_and_exit_2(runs, tmp_path, capsys):
     }
     for name, (argv, expected) in cases.items():
         assert (
-            infer.main([*argv, "--prompt", "hi", "--max_new_tokens", "2"] if "--eval" not in argv else argv)
+            cli.main([*argv, "--prompt", "hi", "--max_new_tokens", "2"] if "--eval" not in argv else argv)
             == 2
         ), name
         err = capsys.readouterr().err
@@ -466,7 +469,7 @@ def test_real_model_batch_prediction_and_eval_on_advertisegen(tmp_path):
     assert f"--model not given: using the default model {DEFAULT_MODEL_DIR}" in r.stderr
     assert "chat template: the tokenizer's own;" in r.stderr  # a plain base (no run_args.json)
     rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
-    assert len(rows) == 4 and all(list(row) == list(infer.PREDICTION_FIELDS) for row in rows)
+    assert len(rows) == 4 and all(list(row) == list(evaluation.PREDICTION_FIELDS) for row in rows)
     records = [json.loads(line) for line in lines]
     assert [row["prompt"] for row in rows] == [rec["content"] for rec in records]  # input-output: raw prompts
     assert [row["reference"] for row in rows] == [rec["summary"] for rec in records]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from toy import make_tokenizer, save_tiny_model
+from toy import byte_tokenizer, make_tokenizer, save_tiny_model
 
 from chatft.data.schema import Conversation, Message
 from chatft.demo_model import DEFAULT_MODEL_DIR
@@ -495,3 +495,72 @@ def test_real_model_chat_through_a_pipe():
     assert r.stdout.count("Assistant: ") == 2
     prompts = re.findall(r"--- prompt ---\n(.*?)\n--- end of prompt ---", r.stderr, re.S)
     assert "What is 2+2?" in prompts[1] and prompts[1].endswith("And 3+3?<|im_end|>\n<|im_start|>assistant\n")
+
+
+# ---------------------------------------------------------------------------------------------------- cut answers
+
+
+def test_streamed_pieces_never_hold_half_a_character():
+    """A byte-level tokenizer splits 你 into 3 tokens: the pieces hold whole characters only."""
+    tok = byte_tokenizer()
+    text = "ok 你好，世界！"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == 3 + 6 * 3
+    deltas = generation.TextDeltas(tok)
+    pieces = [deltas.add([i]) for i in ids]
+    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+    assert pieces[3:6] == ["", "", "你"]  # held back until its third byte came
+    deltas = generation.TextDeltas(tok)
+    assert deltas.add(ids[:5]) == "ok " and deltas.add([]) == ""  # cut after 2 bytes of 你: never sent
+
+
+def test_chat_and_batch_prediction_cut_by_the_cap_end_on_a_whole_character(
+    byte_models, tmp_path, capsys, monkeypatch
+):
+    tuned = str(byte_models["tuned"])  # answers 你好 with 你好，世界！ (18 byte tokens)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("你好\nhi\n"))
+    assert cli.main(["--model", tuned, "--max_new_tokens", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "Assistant: 你 [cut at 5 tokens]\n" in out and "\ufffd" not in out
+    assert "Assistant: hello [cut at 5 tokens]\n" in out
+    monkeypatch.setattr(sys, "stdin", io.StringIO("你好\n"))
+    assert cli.main(["--model", tuned, "--max_new_tokens", "30"]) == 0
+    assert "Assistant: 你好，世界！\n" in capsys.readouterr().out  # not cut: no note
+    data = write_jsonl(
+        tmp_path / "d.jsonl", [openai_record("你好", "你好，世界！"), openai_record("hi", "hello there!")]
+    )
+    out_file = tmp_path / "p.jsonl"
+    argv = [
+        "--model",
+        tuned,
+        "--input_file",
+        str(data),
+        "--output_file",
+        str(out_file),
+        "--max_new_tokens",
+        "8",
+    ]
+    assert cli.main(argv) == 0
+    predictions = [json.loads(line)["prediction"] for line in out_file.read_text().splitlines()]
+    assert predictions == ["你好", "hello th"]
+
+
+@pytest.mark.real_model
+@pytest.mark.skipif(not DEFAULT_MODEL_DIR.is_dir(), reason="run scripts/get_demo_model.sh first")
+def test_real_tokenizer_pieces_and_cut_answers_hold_whole_characters():
+    """SmolLM2's byte-level BPE splits CJK characters over tokens: every cut of an answer decodes to whole
+    characters, streamed or not."""
+    session = loading.load_tokenizer(str(DEFAULT_MODEL_DIR))
+    text = "北京是中国的首都，龙年吉祥！🐉 ok"
+    ids = session(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > len(text) - 3  # several characters take more than one token
+    split = 0
+    for cut in range(1, len(ids) + 1):
+        deltas = generation.TextDeltas(session)
+        pieces = [deltas.add([i]) for i in ids[:cut]]
+        streamed = "".join(pieces)
+        assert "\ufffd" not in streamed and text.startswith(streamed), cut
+        fake = loading.Session(None, session, None, True, [], "cpu")
+        assert generation.decode(fake, ids[:cut]) == streamed.strip(), cut
+        split += "\ufffd" in session.decode(ids[:cut])
+    assert split >= 3  # the premise: many cuts fall inside a character

@@ -9,7 +9,7 @@ from chatft.inference.generation import (
     GenerationOptions,
     conversation_for,
     decode,
-    generate,
+    generate_one,
     print_prompt,
     render_prompt,
 )
@@ -19,8 +19,9 @@ from chatft.inference.loading import Session
 def chat(
     session: Session, options: GenerationOptions, system: str | None = None, tools: list | None = None
 ) -> int:
-    """Multi-turn chat on the terminal, the answer streamed token by token. Lines come from stdin (a pipe
-    works); `clear` forgets the history; `exit` or the end of the input ends (Ctrl-C too, with status 130)."""
+    """Multi-turn chat on the terminal, the answer streamed token by token (in whole characters; an answer
+    cut by max_new_tokens ends with `[cut at N tokens]`). Lines come from stdin (a pipe works); `clear`
+    forgets the history; `exit` or the end of the input ends (Ctrl-C too, with status 130)."""
     echo = not sys.stdin.isatty()  # piped input is not shown by the terminal: show it in the transcript
     note = "raw prompts: each line is answered on its own, no history; " if session.raw else ""
     print(f"Chat ({note}'clear' forgets the history, 'exit' ends).", flush=True)
@@ -35,8 +36,6 @@ def chat(
 def _chat_loop(
     session: Session, options: GenerationOptions, system: str | None, tools: list | None, echo: bool
 ) -> None:
-    from transformers import TextStreamer
-
     history: list[Message] = []
     while True:
         try:
@@ -59,8 +58,15 @@ def _chat_loop(
         prompt_text, ids = render_prompt(session, conversation_for(session, history, system, tools))
         print_prompt(session, prompt_text)
         print("\nAssistant: ", end="", flush=True)
-        streamer = TextStreamer(session.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        reply = decode(session, generate(session, [ids], options, streamer=streamer)[0])
+        result = generate_one(session, ids, options, on_text=_print_piece)
+        if not result.stopped:  # max_new_tokens: say so rather than end mid-sentence (or mid-character)
+            print(f" [cut at {result.produced} tokens]", end="")
+        print(flush=True)
+        reply = decode(session, result.ids)
         history.append(Message("assistant", reply))
         if session.raw:
             history.clear()
+
+
+def _print_piece(text: str) -> None:
+    print(text, end="", flush=True)

@@ -8,6 +8,7 @@ Greedy unless do_sample.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,18 @@ class GenerationOptions:
     do_sample: bool = False
     temperature: float | None = None
     top_p: float | None = None
+    max_time: float | None = None  # seconds; a generation that takes longer is cut
+
+
+@dataclass
+class Generated:
+    """One prompt's answer. ids: the new ids, cut before the first stop token; produced: the tokens the model
+    generated (a stop token included); stopped: whether it ended at a stop token (else it was cut, by
+    max_new_tokens, max_time or the caller)."""
+
+    ids: list[int]
+    produced: int
+    stopped: bool
 
 
 def render_prompt(session: Session, conv: Conversation) -> tuple[str, list[int]]:
@@ -66,6 +79,7 @@ def generation_config(session: Session, options: GenerationOptions) -> Any:
         pad_token_id=session.tokenizer.pad_token_id,
         bos_token_id=own.bos_token_id,
         use_cache=True,  # a checkpoint saved mid-training has use_cache False in its config
+        max_time=options.max_time,
     )
     if options.do_sample:
         config.temperature = options.temperature if options.temperature is not None else own.temperature
@@ -75,10 +89,42 @@ def generation_config(session: Session, options: GenerationOptions) -> Any:
 
 
 def generate(
-    session: Session, prompts: list[list[int]], options: GenerationOptions, streamer: Any = None
+    session: Session,
+    prompts: list[list[int]],
+    options: GenerationOptions,
+    streamer: Any = None,
+    stop_when: Callable[[], bool] | None = None,
 ) -> list[list[int]]:
     """The new ids of each prompt (left-padded into one batch), cut before the first stop token."""
+    return [g.ids for g in _generate(session, prompts, options, streamer, stop_when)]
+
+
+def generate_one(
+    session: Session,
+    prompt: list[int],
+    options: GenerationOptions,
+    on_text: Callable[[str], Any] | None = None,
+    stop_when: Callable[[], bool] | None = None,
+) -> Generated:
+    """One prompt's answer; on_text(piece) streams it as it comes, in whole characters (TextDeltas);
+    stop_when() is asked after every token and ends the generation when it says so."""
+    streamer = DeltaStreamer(session, on_text) if on_text is not None else None
+    return _generate(session, [prompt], options, streamer, stop_when)[0]
+
+
+def _generate(
+    session: Session,
+    prompts: list[list[int]],
+    options: GenerationOptions,
+    streamer: Any,
+    stop_when: Callable[[], bool] | None,
+) -> list[Generated]:
     import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Asked(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            return torch.full((input_ids.shape[0],), bool(stop_when()), dtype=torch.bool)
 
     pad = session.tokenizer.pad_token_id
     width = max(len(p) for p in prompts)
@@ -90,17 +136,70 @@ def generate(
             attention_mask=mask,
             generation_config=generation_config(session, options),
             streamer=streamer,
+            stopping_criteria=StoppingCriteriaList([Asked()]) if stop_when else None,
         )
     stops = set(session.stop_ids)
     results = []
     for row in out[:, width:].tolist():
-        end = next((i for i, t in enumerate(row) if t in stops), len(row))
-        results.append(row[:end])
+        end = next((i for i, t in enumerate(row) if t in stops), None)
+        if end is None:
+            results.append(Generated(row, len(row), False))
+        else:
+            results.append(Generated(row[:end], end + 1, True))
     return results
 
 
+class TextDeltas:
+    """The text of ids given a few at a time, handed out in pieces that never end inside a character. A
+    byte-level BPE (SmolLM2, Qwen, Llama-3) splits one CJK character over 2-3 tokens, and the first of them
+    decode to U+FFFD: such an incomplete character is held back until the tokens that complete it come, and
+    never handed out when they do not (an answer cut by max_new_tokens)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.sent = 0  # characters handed out
+
+    def add(self, ids: list[int]) -> str:
+        self.ids += ids
+        whole = self.tokenizer.decode(self.ids, skip_special_tokens=True).rstrip("\ufffd")
+        piece = whole[self.sent :]
+        self.sent = max(self.sent, len(whole))
+        return piece
+
+
+class DeltaStreamer:
+    """A streamer for model.generate with one prompt: on_text(piece) for each new piece of whole characters
+    (TextDeltas). The prompt (generate's first put) and everything from the first stop token on are skipped."""
+
+    def __init__(self, session: Session, on_text: Callable[[str], Any]) -> None:
+        self.deltas = TextDeltas(session.tokenizer)
+        self.stops = set(session.stop_ids)
+        self.on_text = on_text
+        self.prompt_seen = False
+        self.done = False
+
+    def put(self, value: Any) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        if self.done:
+            return
+        ids = [int(i) for i in value.reshape(-1).tolist()]
+        stop = next((i for i, t in enumerate(ids) if t in self.stops), None)
+        if stop is not None:
+            ids, self.done = ids[:stop], True
+        piece = self.deltas.add(ids)
+        if piece:
+            self.on_text(piece)
+
+    def end(self) -> None:
+        pass
+
+
 def decode(session: Session, ids: list[int]) -> str:
-    """The answer's text; a trailing U+FFFD (a multi-byte character cut by max_new_tokens) is dropped."""
+    """The answer's text; a trailing U+FFFD (a multi-byte character cut by max_new_tokens) is dropped, so an
+    answer never ends in a broken character."""
     return session.tokenizer.decode(ids, skip_special_tokens=True).rstrip("\ufffd").strip()
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +30,9 @@ examples:
                                                 --output_file pred.jsonl --eval
   score a predictions file:                 python inference.py --eval --predictions pred.jsonl
   before/after table:                       python inference.py --predictions pred.jsonl --compare base.jsonl
+  OpenAI API + chat page (127.0.0.1:8000):  python inference.py --serve --adapter output/lora
+  two models side by side:                  python inference.py --serve --serve_model base=models/SmolLM2-135M-Instruct \\
+                                                --serve_model tuned=output/lora
 """
 
 
@@ -115,6 +119,34 @@ def make_parser() -> argparse.ArgumentParser:
         metavar="BASE_PREDICTIONS",
         help="before/after table of a base model's predictions vs these",
     )
+    v = p.add_argument_group("serve (an OpenAI-compatible API and a chat page)")
+    v.add_argument("--serve", action="store_true", help="serve the model(s) over HTTP instead")
+    v.add_argument(
+        "--serve_model",
+        action="append",
+        metavar="NAME=PATH",
+        help="serve this model folder, LoRA adapter or P-Tuning checkpoint (the kind is read from the folder) "
+        "under NAME; repeat for several (--model is then the base of adapters that name none). Default: the "
+        "one model given by --model/--adapter/--pt-checkpoint, named after its folder",
+    )
+    v.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)"
+    )
+    v.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    v.add_argument(
+        "--api_key",
+        default=os.environ.get("CHATFT_API_KEY"),
+        help="clients must send Authorization: Bearer KEY (default: $CHATFT_API_KEY); required beyond 127.0.0.1",
+    )
+    v.add_argument(
+        "--max_queue",
+        type=int,
+        default=16,
+        help="requests admitted at once, generating or waiting; one more gets 503 + Retry-After (default: 16)",
+    )
+    v.add_argument(
+        "--max_time", type=float, default=120.0, help="seconds one generation may take (default: 120)"
+    )
     return p
 
 
@@ -139,6 +171,10 @@ def run(args: argparse.Namespace) -> int:
         set_seed(args.seed)
     if not args.do_sample and (args.temperature is not None or args.top_p is not None):
         to_stderr("note: --temperature and --top_p only apply with --do_sample; decoding is greedy")
+    if args.serve:
+        from chatft.inference.serve import serve_main
+
+        return serve_main(args)
     tools = read_tools(args.tools) if args.tools else None
     session = load_session(args, say=to_stderr)
     if tools is not None and session.raw:
@@ -158,6 +194,20 @@ def run(args: argparse.Namespace) -> int:
 def check_args(args: argparse.Namespace) -> None:
     if args.pt_checkpoint and args.adapter:
         raise InferError("give --pt-checkpoint or --adapter, not both")
+    if args.serve and (args.prompt is not None or args.input_file or args.predictions or args.tools):
+        raise InferError(
+            "--serve answers clients; it does not go with --prompt, --input_file, --predictions, --tools"
+        )
+    if args.serve_model and not args.serve:
+        raise InferError("--serve_model is for --serve")
+    if args.serve_model and (args.adapter or args.pt_checkpoint):
+        raise InferError("with --serve_model, name every served model: --serve_model NAME=ADAPTER_OR_MODEL")
+    if args.serve and (args.max_queue < 1 or args.max_time <= 0):
+        raise InferError("--max_queue must be at least 1 and --max_time positive")
+    if args.serve:
+        from chatft.inference.serve import check_host
+
+        check_host(args.host, args.api_key)
     if args.predictions and args.input_file:
         raise InferError("give --input_file (predict, then score) or --predictions (score a file), not both")
     if args.predictions and not (args.eval or args.compare):

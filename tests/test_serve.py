@@ -7,7 +7,6 @@ import json
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -95,6 +94,18 @@ def test_an_answer_is_what_inference_py_answers_with_usage(served):
     assert reply.usage.prompt_tokens == len(ids) == 21
     assert reply.usage.completion_tokens == len(b"hello there!") + 1  # and <|im_end|>
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_system_developer_and_text_parts_are_read_as_training_reads_them(served):
+    c = client(served)
+    parts = [{"role": "user", "content": [{"type": "text", "text": "h"}, {"type": "text", "text": "i"}]}]
+    assert c.chat.completions.create(model="tuned", messages=parts).usage.prompt_tokens == 21  # "hi"
+    system = c.chat.completions.create(model="tuned", messages=[{"role": "system", "content": "ok"}, *HI])
+    developer = c.chat.completions.create(
+        model="tuned", messages=[{"role": "developer", "content": "ok"}, *HI]
+    )
+    # + <|im_start|>system\nok<|im_end|>\n: 12 byte-level tokens
+    assert system.usage.prompt_tokens == developer.usage.prompt_tokens == 21 + 12
 
 
 def test_a_streamed_answer_in_openais_chunks(served):
@@ -236,17 +247,22 @@ def test_concurrent_clients_are_all_answered(served):
     assert wait_until(lambda: health(served)["admitted"] == 0)
 
 
-def test_a_full_queue_answers_503_with_retry_after(served):
+def occupy(served):
+    """A long streamed answer of the (slow) base model: the generation thread is busy until it is closed."""
+    stream = client(served).chat.completions.create(model="base", messages=HI, max_tokens=200, stream=True)
+    iterator = iter(stream)
+    next(iterator), next(iterator)  # the role chunk and a first piece of text: it is generating
+    assert health(served)["generating"] == 1
+    return stream
+
+
+def test_a_full_queue_answers_503_with_retry_after(served, slow):
     server = served.server
     saved, server.limits.max_queue = server.limits.max_queue, 2
-    gate = threading.Event()
-    blocker = server.worker.submit(gate.wait, 30)  # the generation thread is busy until the gate opens
     try:
-        with ThreadPoolExecutor(2) as pool:
-            waiting = [
-                pool.submit(client(served).chat.completions.create, model="tuned", messages=HI)
-                for _ in range(2)
-            ]
+        busy = occupy(served)
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(client(served).chat.completions.create, model="tuned", messages=HI)
             assert wait_until(lambda: health(served)["admitted"] == 2)
             status, headers, body = post(served, {"model": "tuned", "messages": HI})
             assert status == 503 and int(headers["Retry-After"]) >= 1
@@ -254,21 +270,51 @@ def test_a_full_queue_answers_503_with_retry_after(served):
             with pytest.raises(openai.InternalServerError) as raised:
                 client(served).chat.completions.create(model="tuned", messages=HI)
             assert raised.value.status_code == 503
-            gate.set()
-            assert [f.result(timeout=30).choices[0].message.content for f in waiting] == ["hello there!"] * 2
+            busy.close()
+            assert waiting.result(timeout=30).choices[0].message.content == "hello there!"
     finally:
-        gate.set()
-        blocker.result(timeout=30)
         server.limits.max_queue = saved
-    assert client(served).chat.completions.create(model="tuned", messages=HI).choices[0].message.content
+    assert wait_until(lambda: health(served)["admitted"] == 0)
+
+
+def test_waiting_requests_are_generated_together_each_as_it_would_be_alone(served, slow):
+    c = client(served)
+    questions = ["hi", "你好", "hi", "你好", "weather in Paris?"]
+    before = health(served)
+    busy = occupy(served)
+
+    def ask(i: int) -> str:
+        messages = [{"role": "user", "content": questions[i]}]
+        if i == 2:  # streamed
+            return "".join(
+                ch.choices[0].delta.content or ""
+                for ch in c.chat.completions.create(model="tuned", messages=messages, stream=True)
+            )
+        if i == 4:  # tools
+            return (
+                c.chat.completions.create(model="tuned", messages=messages, tools=WEATHER_TOOLS)
+                .choices[0]
+                .message.tool_calls[0]
+                .function.name
+            )
+        return (
+            c.chat.completions.create(model="tuned", messages=messages, max_tokens=6 if i == 3 else None)
+            .choices[0]
+            .message.content
+        )
+
+    with ThreadPoolExecutor(5) as pool:
+        answers = pool.map(ask, range(5))
+        assert wait_until(lambda: health(served)["admitted"] == 6)
+        busy.close()
+        assert list(answers) == ["hello there!", "你好，世界！", "hello there!", "你好", "get_weather"]
+    after = health(served)
+    assert after["batches"] == before["batches"] + 2  # the base's answer, then the five together
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_slot_at_once(served, slow):
     before = health(served)["cancelled"]
-    stream = client(served).chat.completions.create(model="base", messages=HI, max_tokens=200, stream=True)
-    iterator = iter(stream)
-    next(iterator), next(iterator)  # the role chunk and a first piece of text: it is generating
-    assert health(served)["generating"] == 1
+    stream = occupy(served)
     left = time.monotonic()
     stream.close()
     assert wait_until(lambda: health(served)["admitted"] == 0, 2.0)  # 200 tokens would take >= 4 s

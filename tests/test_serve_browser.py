@@ -60,7 +60,7 @@ def browser_page(tmp_path: Path):
             context.close()
 
 
-def test_chat_page_streams_an_answer_then_compares_two_models(served, browser_page, tmp_path):
+def test_chat_page_streams_an_answer_then_compares_two_models(browser_page, served, tmp_path):
     page = browser_page
     streamed = []
     page.on(

@@ -79,6 +79,12 @@ def make_parser() -> argparse.ArgumentParser:
         choices=["auto", "float32", "bfloat16", "float16"],
         help="auto (the default): float32 on the CPU, bfloat16 (float16 without bf16 support) on a GPU",
     )
+    m.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads for torch (default: torch's own, one per core); on a shared CPU 1 can be several "
+        "times faster (bench/serve.py)",
+    )
     g = p.add_argument_group("generation")
     g.add_argument("--max_new_tokens", type=int, default=512, help="longest answer in tokens (default: 512)")
     g.add_argument("--do_sample", action="store_true", help="sample (default: greedy)")
@@ -147,6 +153,13 @@ def make_parser() -> argparse.ArgumentParser:
     v.add_argument(
         "--max_time", type=float, default=120.0, help="seconds one generation may take (default: 120)"
     )
+    v.add_argument(
+        "--max_batch",
+        type=int,
+        default=8,
+        help="waiting requests generated together in one batch (same model and sampling, no seed; default: 8, "
+        "1: one at a time)",
+    )
     return p
 
 
@@ -167,6 +180,10 @@ def run(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars; our own tqdm shows the prediction progress
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.seed is not None:
         set_seed(args.seed)
     if not args.do_sample and (args.temperature is not None or args.top_p is not None):
@@ -202,8 +219,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise InferError("--serve_model is for --serve")
     if args.serve_model and (args.adapter or args.pt_checkpoint):
         raise InferError("with --serve_model, name every served model: --serve_model NAME=ADAPTER_OR_MODEL")
-    if args.serve and (args.max_queue < 1 or args.max_time <= 0):
-        raise InferError("--max_queue must be at least 1 and --max_time positive")
+    if args.serve and (args.max_queue < 1 or args.max_batch < 1 or args.max_time <= 0):
+        raise InferError("--max_queue and --max_batch must be at least 1, --max_time positive")
     if args.serve:
         from chatft.inference.serve import check_host
 
@@ -218,6 +235,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise InferError("--input_file needs --output_file (the predictions JSONL to write)")
     if args.prompt is not None and (args.input_file or args.predictions):
         raise InferError("--prompt answers one prompt; it does not go with --input_file or --predictions")
+    if args.threads is not None and args.threads < 1:
+        raise InferError("--threads must be at least 1")
     if args.batch_size < 1 or args.max_new_tokens < 1:
         raise InferError("--batch_size and --max_new_tokens must be at least 1")
     if args.pre_seq_len is not None and not args.pt_checkpoint:

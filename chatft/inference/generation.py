@@ -92,11 +92,9 @@ def generate(
     session: Session,
     prompts: list[list[int]],
     options: GenerationOptions,
-    streamer: Any = None,
-    stop_when: Callable[[], bool] | None = None,
 ) -> list[list[int]]:
     """The new ids of each prompt (left-padded into one batch), cut before the first stop token."""
-    return [g.ids for g in _generate(session, prompts, options, streamer, stop_when)]
+    return [g.ids for g in generate_rows(session, prompts, options)]
 
 
 def generate_one(
@@ -108,45 +106,77 @@ def generate_one(
 ) -> Generated:
     """One prompt's answer; on_text(piece) streams it as it comes, in whole characters (TextDeltas);
     stop_when() is asked after every token and ends the generation when it says so."""
-    streamer = DeltaStreamer(session, on_text) if on_text is not None else None
-    return _generate(session, [prompt], options, streamer, stop_when)[0]
+    return generate_rows(session, [prompt], options, [Follow(None, on_text, stop_when)])[0]
 
 
-def _generate(
+@dataclass
+class Follow:
+    """What the caller wants of one prompt of a batch: its own token cap (default: options.max_new_tokens), its
+    answer in pieces as they come (on_text, whole characters), and a way to end it early (stop_when, asked after
+    every token)."""
+
+    max_new_tokens: int | None = None
+    on_text: Callable[[str], Any] | None = None
+    stop_when: Callable[[], bool] | None = None
+
+
+def generate_rows(
     session: Session,
     prompts: list[list[int]],
     options: GenerationOptions,
-    streamer: Any,
-    stop_when: Callable[[], bool] | None,
+    follows: list[Follow] | None = None,
 ) -> list[Generated]:
+    """The answers of prompts generated together (left-padded into one batch), each followed as it asks."""
     import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
 
-    class Asked(StoppingCriteria):
-        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-            return torch.full((input_ids.shape[0],), bool(stop_when()), dtype=torch.bool)
-
+    follows = follows or [Follow() for _ in prompts]
+    rows = _Rows(session, follows, options.max_new_tokens)
     pad = session.tokenizer.pad_token_id
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=session.device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=session.device)
+    config = generation_config(session, options)
+    config.max_new_tokens = max(f.max_new_tokens or options.max_new_tokens for f in follows)
     with torch.inference_mode():
-        out = session.model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            generation_config=generation_config(session, options),
-            streamer=streamer,
-            stopping_criteria=StoppingCriteriaList([Asked()]) if stop_when else None,
+        session.model.generate(
+            input_ids=ids, attention_mask=mask, generation_config=config, stopping_criteria=[rows]
         )
-    stops = set(session.stop_ids)
-    results = []
-    for row in out[:, width:].tolist():
-        end = next((i for i, t in enumerate(row) if t in stops), None)
-        if end is None:
-            results.append(Generated(row, len(row), False))
-        else:
-            results.append(Generated(row[:end], end + 1, True))
-    return results
+    return [Generated(rows.ids[i], rows.produced[i], rows.stopped[i]) for i in range(len(prompts))]
+
+
+class _Rows:
+    """A stopping criterion for model.generate that follows every row of the batch token by token: its new ids
+    up to its first stop token, the pieces of text it streams, and whether it is done (a stop token, its own cap,
+    or its caller's stop_when). A row that is done gets padding from generate, which is never read."""
+
+    def __init__(self, session: Session, follows: list[Follow], cap: int) -> None:
+        self.follows, self.cap = follows, cap
+        self.stops = set(session.stop_ids)
+        self.deltas = [TextDeltas(session.tokenizer) if f.on_text else None for f in follows]
+        self.ids: list[list[int]] = [[] for _ in follows]
+        self.produced = [0] * len(follows)
+        self.stopped = [False] * len(follows)
+        self.done = [False] * len(follows)
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        for i, token in enumerate(input_ids[:, -1].tolist()):
+            if self.done[i]:
+                continue
+            follow = self.follows[i]
+            self.produced[i] += 1
+            if token in self.stops:
+                self.done[i] = self.stopped[i] = True
+                continue
+            self.ids[i].append(token)
+            if follow.on_text is not None and (piece := self.deltas[i].add([token])):
+                follow.on_text(piece)
+            if self.produced[i] >= (follow.max_new_tokens or self.cap) or (
+                follow.stop_when and follow.stop_when()
+            ):
+                self.done[i] = True
+        return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
 
 
 class TextDeltas:
@@ -166,35 +196,6 @@ class TextDeltas:
         piece = whole[self.sent :]
         self.sent = max(self.sent, len(whole))
         return piece
-
-
-class DeltaStreamer:
-    """A streamer for model.generate with one prompt: on_text(piece) for each new piece of whole characters
-    (TextDeltas). The prompt (generate's first put) and everything from the first stop token on are skipped."""
-
-    def __init__(self, session: Session, on_text: Callable[[str], Any]) -> None:
-        self.deltas = TextDeltas(session.tokenizer)
-        self.stops = set(session.stop_ids)
-        self.on_text = on_text
-        self.prompt_seen = False
-        self.done = False
-
-    def put(self, value: Any) -> None:
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        if self.done:
-            return
-        ids = [int(i) for i in value.reshape(-1).tolist()]
-        stop = next((i for i, t in enumerate(ids) if t in self.stops), None)
-        if stop is not None:
-            ids, self.done = ids[:stop], True
-        piece = self.deltas.add(ids)
-        if piece:
-            self.on_text(piece)
-
-    def end(self) -> None:
-        pass
 
 
 def decode(session: Session, ids: list[int]) -> str:

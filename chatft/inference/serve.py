@@ -5,9 +5,10 @@ Endpoints: GET /v1/models, POST /v1/chat/completions (messages, tools, stream, m
 stop, seed; usage counts), GET /health, and the chat page at /.
 
 How requests are served:
-- One generation at a time, in one worker thread, in the order requests came: on a 2-core CPU two generations
-  at once only share the cores (bench/serve.py measures it). At most max_queue requests are admitted (the one
-  generating and those waiting); one more gets 503 with Retry-After.
+- One generation thread takes the oldest waiting request and, with it, the waiting requests that can share its
+  generation (same model and sampling, no seed; up to max_batch) as one left-padded batch: on this 2-core CPU
+  a batch of 8 answers generates about 3x the tokens per second of one at a time (bench/serve.py). At most
+  max_queue requests are admitted (generating and waiting); one more gets 503 with Retry-After.
 - A generation is capped in tokens (max_new_tokens, also the most a request may ask for) and in time
   (max_time: the answer is cut, finish_reason "length").
 - A client that disconnects stops its generation at the next token (a waiting one is never started).
@@ -32,8 +33,8 @@ import re
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,7 @@ from chatft.data.schema import Conversation, Message, RecordError
 from chatft.data.templates import TemplateError
 from chatft.demo_model import DEFAULT_MODEL_DIR
 from chatft.inference.common import InferError, to_stderr
-from chatft.inference.generation import Generated, GenerationOptions, generate_one, render_prompt
+from chatft.inference.generation import Follow, Generated, GenerationOptions, generate_rows, render_prompt
 from chatft.inference.loading import ADAPTER_CONFIG, PEFT_KINDS, Session, load_session, read_adapter_config
 
 PAGE = Path(__file__).with_name("chat.html")
@@ -62,12 +63,13 @@ LOOPBACK = ("127.", "localhost", "::1")
 @dataclass
 class Limits:
     """max_new_tokens: the most tokens a request may ask for, and its default; max_time: seconds per
-    generation; max_queue: requests admitted at once (generating + waiting); defaults: the sampling of a
-    request that names none."""
+    generation; max_queue: requests admitted at once (generating + waiting); max_batch: requests generated
+    together; defaults: the sampling of a request that names none."""
 
     max_new_tokens: int = 512
     max_time: float = 120.0
     max_queue: int = 16
+    max_batch: int = 8
     defaults: GenerationOptions = field(default_factory=GenerationOptions)
 
 
@@ -206,7 +208,10 @@ def _conversation(messages: Any, tools: list | None, session: Session) -> Conver
 
 
 def _plain_content(raw: Any, index: int) -> Any:
-    """A message whose content is a list of text parts, with that content as one string."""
+    """A message whose content is a list of text parts, with that content as one string; OpenAI's newer
+    "developer" role is the system message."""
+    if isinstance(raw, dict) and raw.get("role") == "developer":
+        raw = {**raw, "role": "system"}
     if not isinstance(raw, dict) or not isinstance(raw.get("content"), list):
         return raw
     texts = []
@@ -373,18 +378,32 @@ class Job:
 
     request: ChatRequest
     pieces: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
     cancel: threading.Event = field(default_factory=threading.Event)
     text: StreamText | None = None
     result: Generated | None = None
     started: float = 0.0
     finished: float = 0.0
 
+    def batch_key(self) -> tuple | None:
+        """Jobs with the same key can be generated in one batch; None: alone (a seed is for one answer)."""
+        r = self.request
+        if r.seed is not None:
+            return None
+        return (
+            id(r.session),
+            r.options.do_sample,
+            r.options.temperature,
+            r.options.top_p,
+            r.options.max_time,
+        )
+
 
 # ---------------------------------------------------------------------------------------------------- the server
 
 
 class Server:
-    """The served models, the limits, the one generation thread and the count of admitted requests."""
+    """The served models, the limits, the generation thread and its queue, the count of admitted requests."""
 
     def __init__(
         self,
@@ -396,19 +415,27 @@ class Server:
         if not models:
             raise InferError("no model to serve")
         self.models, self.limits, self.api_key, self.say = models, limits, api_key, say
-        self.worker = ThreadPoolExecutor(1, thread_name_prefix="chatft-generate")
-        self.admitted = 0
-        self.generating = False
-        self.served = 0
-        self.cancelled = 0
+        self.pending: deque[Job] = deque()
+        self.wake = threading.Condition()
+        self.closing = False
+        self.admitted = 0  # changed in the event loop only
+        self.generating = 0  # the size of the batch being generated
+        self.served = self.cancelled = self.batches = self.largest_batch = 0
         self.seconds_per_answer = 1.0  # a running mean, for Retry-After
         self.created = int(time.time())
+        self.worker = threading.Thread(target=self._work, name="chatft-generate", daemon=True)
+        self.worker.start()
+
+    def close(self) -> None:
+        with self.wake:
+            self.closing = True
+            self.wake.notify()
 
     # --- admission and generation
 
     def admit(self, request: ChatRequest) -> Job:
         if self.admitted >= self.limits.max_queue:
-            wait = max(1, round(self.seconds_per_answer * self.admitted))
+            wait = max(1, round(self.seconds_per_answer * self.admitted / max(1, self.limits.max_batch)))
             raise ApiError(
                 503,
                 f"the server is busy ({self.admitted} requests admitted, at most {self.limits.max_queue}); "
@@ -417,53 +444,101 @@ class Server:
                 kind="server_error",
                 headers={"Retry-After": str(wait)},
             )
-        loop = asyncio.get_running_loop()
-        job = Job(request, asyncio.Queue())
+        job = Job(request, asyncio.Queue(), asyncio.get_running_loop())
         self.admitted += 1
-        future = loop.run_in_executor(self.worker, self._run, job, loop)
-        future.add_done_callback(lambda f: self._done(job, f))
+        with self.wake:
+            self.pending.append(job)
+            self.wake.notify()
         return job
 
-    def _done(self, job: Job, future: asyncio.Future) -> None:
+    def _finish(self, job: Job) -> None:
+        """In the event loop: the job is over (answered, cancelled or failed)."""
         self.admitted -= 1
-        if job.cancel.is_set():
+        if job.cancel.is_set() and (job.result is None or not job.result.stopped):
             self.cancelled += 1
-        if future.exception() is not None:
-            self.say(f"generation failed: {type(future.exception()).__name__}: {future.exception()}")
-        elif job.result is not None:
+        if job.result is not None:
             self.served += 1
-            spent = job.finished - job.started
-            self.seconds_per_answer = 0.8 * self.seconds_per_answer + 0.2 * spent
+            self.seconds_per_answer = 0.8 * self.seconds_per_answer + 0.2 * (job.finished - job.started)
         job.pieces.put_nowait(None)
 
-    def _run(self, job: Job, loop: asyncio.AbstractEventLoop) -> None:
-        """In the generation thread: one answer, its pieces handed to the event loop as they come."""
-        if job.cancel.is_set():  # its client left while it waited
-            return
-        request = job.request
-        self.generating = True
-        try:
-            job.started = time.monotonic()
-            if request.seed is not None:
-                from transformers import set_seed
+    def _work(self) -> None:
+        """The generation thread: the oldest waiting job, batched with the waiting jobs that can share its
+        generation (same model and sampling, no seed; up to max_batch), until the server closes."""
+        while True:
+            with self.wake:
+                while not self.pending and not self.closing:
+                    self.wake.wait()
+                if self.closing:
+                    return
+                batch = self._take()
+            if batch:
+                try:
+                    self._generate(batch)
+                except (
+                    Exception
+                ) as e:  # a bug or a fault of the model: its clients get an error, others go on
+                    self.say(f"generation failed: {type(e).__name__}: {e}")
+                    for job in batch:
+                        job.result = None
+                for job in batch:
+                    job.loop.call_soon_threadsafe(self._finish, job)
 
-                set_seed(request.seed)
+    def _take(self) -> list[Job]:
+        gone = [job for job in self.pending if job.cancel.is_set()]  # their clients left while they waited
+        for job in gone:
+            self.pending.remove(job)
+            job.loop.call_soon_threadsafe(self._finish, job)
+        if not self.pending:
+            return []
+        first = self.pending.popleft()
+        batch, key = [first], first.batch_key()
+        if key is not None:
+            for job in list(self.pending):
+                if len(batch) >= self.limits.max_batch:
+                    break
+                if job.batch_key() == key:
+                    self.pending.remove(job)
+                    batch.append(job)
+        return batch
+
+    def _generate(self, batch: list[Job]) -> None:
+        """In the generation thread: the batch's answers, each job's pieces handed to its event loop as they
+        come."""
+        first = batch[0].request
+        if first.seed is not None:
+            from transformers import set_seed
+
+            set_seed(first.seed)
+        follows = []
+        for job in batch:
+            request = job.request
             # a ChatGLM3 call starts with the tool's name, so nothing tells it from text: hold the whole answer
             glm = request.tools and request.session.template and request.session.template.name == "chatglm3"
-            job.text = text = StreamText(request.stop, [TOOL_CALL_OPEN] if request.tools else [], bool(glm))
-
-            def on_text(piece: str) -> None:
-                out = text.feed(piece)
-                if out:
-                    loop.call_soon_threadsafe(job.pieces.put_nowait, out)
-
-            stop_when = lambda: job.cancel.is_set() or text.stopped  # noqa: E731
-            job.result = generate_one(
-                request.session, request.prompt_ids, request.options, on_text, stop_when
-            )
-            job.finished = time.monotonic()
+            job.text = StreamText(request.stop, [TOOL_CALL_OPEN] if request.tools else [], bool(glm))
+            follows.append(Follow(request.options.max_new_tokens, self._streamer(job), self._stopper(job)))
+        self.generating = len(batch)
+        self.batches += 1
+        self.largest_batch = max(self.largest_batch, len(batch))
+        started = time.monotonic()
+        try:
+            prompts = [job.request.prompt_ids for job in batch]
+            results = generate_rows(first.session, prompts, first.options, follows)
         finally:
-            self.generating = False
+            self.generating = 0
+        for job, result in zip(batch, results, strict=True):
+            job.result, job.started, job.finished = result, started, time.monotonic()
+
+    @staticmethod
+    def _streamer(job: Job) -> Callable[[str], None]:
+        def on_text(piece: str) -> None:
+            if out := job.text.feed(piece):
+                job.loop.call_soon_threadsafe(job.pieces.put_nowait, out)
+
+        return on_text
+
+    @staticmethod
+    def _stopper(job: Job) -> Callable[[], bool]:
+        return lambda: job.cancel.is_set() or job.text.stopped
 
     def answer(self, job: Job) -> tuple[str, list[dict], str]:
         """(content, tool_calls, finish_reason) of a finished job."""
@@ -523,12 +598,14 @@ class Server:
             return {
                 "status": "ok",
                 "models": list(self.models),
-                "generating": int(self.generating),
+                "generating": self.generating,
                 "admitted": self.admitted,
                 "max_queue": self.limits.max_queue,
                 "max_new_tokens": self.limits.max_new_tokens,
                 "served": self.served,
                 "cancelled": self.cancelled,
+                "batches": self.batches,
+                "largest_batch": self.largest_batch,
                 "auth": self.api_key is not None,
             }
 
@@ -643,6 +720,7 @@ def serve_main(args: argparse.Namespace) -> int:
         args.max_new_tokens,
         args.max_time,
         args.max_queue,
+        args.max_batch,
         GenerationOptions(args.max_new_tokens, args.do_sample, args.temperature, args.top_p),
     )
     serve(Server(load_models(args), limits, args.api_key), args.host, args.port)
@@ -686,7 +764,7 @@ def serve(server: Server, host: str = "127.0.0.1", port: int = 8000, log_level: 
     try:
         uvicorn.Server(config).run()
     finally:
-        server.worker.shutdown(wait=False, cancel_futures=True)
+        server.close()
 
 
 class Running:
@@ -715,6 +793,7 @@ class Running:
     def stop(self) -> None:
         self.uvicorn.should_exit = True
         self.thread.join(10)
+        self.server.close()
 
     def __enter__(self) -> Running:
         return self

@@ -322,6 +322,18 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot_at_once(served, slo
     assert client(served).chat.completions.create(model="tuned", messages=HI).choices[0].message.content
 
 
+def test_a_waiting_client_that_leaves_frees_its_place_at_once(served, slow):
+    busy = occupy(served)
+    waiting = client(served).chat.completions.create(model="tuned", messages=HI, stream=True)
+    next(iter(waiting))  # the role chunk: admitted, waiting behind the busy one
+    assert health(served)["admitted"] == 2
+    waiting.close()
+    assert wait_until(lambda: health(served)["admitted"] == 1, 1.0)
+    assert health(served)["generating"] == 1  # the other one still generates
+    busy.close()
+    assert wait_until(lambda: health(served)["admitted"] == 0)
+
+
 def test_a_generation_is_capped_in_time(served, slow):
     server = served.server
     saved, server.limits.max_time = server.limits.max_time, 0.3

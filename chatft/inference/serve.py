@@ -11,7 +11,7 @@ How requests are served:
   max_queue requests are admitted (generating and waiting); one more gets 503 with Retry-After.
 - A generation is capped in tokens (max_new_tokens, also the most a request may ask for) and in time
   (max_time: the answer is cut, finish_reason "length").
-- A client that disconnects stops its generation at the next token (a waiting one is never started).
+- A client that disconnects stops its generation at the next token; a waiting one leaves the queue at once.
 - Every bad request is a 4xx JSON error in OpenAI's shape, {"error": {"message", "type", "param", "code"}};
   nothing a client sends gets a 500 or a traceback.
 - Streamed text never holds half a character (TextDeltas), nor the start of a stop string or of a tool call
@@ -58,6 +58,7 @@ TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 CHATGLM3_CALL = re.compile(r"^\s*([\w.\-]+)\s*\n```python\n(.*?)\n```\s*$", re.S)
 MAX_BODY = 4 << 20  # bytes of one request
 LOOPBACK = ("127.", "localhost", "::1")
+GATHER_S = 0.05  # how long after its first request a batch waits for more, when several clients are asking
 
 
 @dataclass
@@ -379,6 +380,7 @@ class Job:
     request: ChatRequest
     pieces: asyncio.Queue
     loop: asyncio.AbstractEventLoop
+    arrived: float = 0.0
     cancel: threading.Event = field(default_factory=threading.Event)
     text: StreamText | None = None
     result: Generated | None = None
@@ -422,6 +424,7 @@ class Server:
         self.generating = 0  # the size of the batch being generated
         self.served = self.cancelled = self.batches = self.largest_batch = 0
         self.seconds_per_answer = 1.0  # a running mean, for Retry-After
+        self.concurrent_at = -1e9  # when two requests were last admitted at once
         self.created = int(time.time())
         self.worker = threading.Thread(target=self._work, name="chatft-generate", daemon=True)
         self.worker.start()
@@ -444,12 +447,25 @@ class Server:
                 kind="server_error",
                 headers={"Retry-After": str(wait)},
             )
-        job = Job(request, asyncio.Queue(), asyncio.get_running_loop())
+        job = Job(request, asyncio.Queue(), asyncio.get_running_loop(), arrived=time.monotonic())
         self.admitted += 1
+        if self.admitted > 1:
+            self.concurrent_at = job.arrived  # several clients now: batches gather (see _work)
         with self.wake:
             self.pending.append(job)
             self.wake.notify()
         return job
+
+    def release(self, job: Job) -> None:
+        """In the event loop, when a client has its answer or is gone: the job stops at its next token, and a
+        job still waiting leaves the queue now."""
+        job.cancel.set()
+        with self.wake:
+            waiting = job in self.pending
+            if waiting:
+                self.pending.remove(job)
+        if waiting:
+            self._finish(job)
 
     def _finish(self, job: Job) -> None:
         """In the event loop: the job is over (answered, cancelled or failed)."""
@@ -468,6 +484,17 @@ class Server:
             with self.wake:
                 while not self.pending and not self.closing:
                     self.wake.wait()
+                if self.closing:
+                    return
+                if time.monotonic() - self.concurrent_at < 5:
+                    # clients that ask at once arrive a few milliseconds apart: wait for them a little, or
+                    # the batches of clients asking in a loop stay split (1 + 3 instead of 4); one client alone
+                    # never waits
+                    deadline = self.pending[0].arrived + GATHER_S
+                    while len(self.pending) < self.limits.max_batch and not self.closing:
+                        if (left := deadline - time.monotonic()) <= 0:
+                            break
+                        self.wake.wait(left)
                 if self.closing:
                     return
                 batch = self._take()
@@ -643,7 +670,7 @@ class Server:
                     if await request.is_disconnected():
                         return {}  # nobody to answer; finally stops the generation
         finally:
-            job.cancel.set()  # the answer is over, or its client left: the generation stops at its next token
+            self.release(job)  # the answer is over, or its client left
         if job.result is None:
             raise ApiError(500, "the generation failed", kind="server_error")
         content, calls, finish = self.answer(job)
@@ -688,7 +715,7 @@ class Server:
                 yield f"data: {json.dumps(body)}\n\n"
             yield "data: [DONE]\n\n"
         finally:
-            job.cancel.set()  # the client left mid-stream (or the answer is over): free the slot now
+            self.release(job)  # the client left mid-stream (or the answer is over): free its place now
 
 
 async def _json_body(request: Any) -> Any:
@@ -715,7 +742,13 @@ def check_host(host: str, api_key: str | None) -> None:
 
 
 def serve_main(args: argparse.Namespace) -> int:
-    """inference.py --serve: load the models, then serve until Ctrl-C."""
+    """inference.py --serve: load the models, then serve until Ctrl-C. One torch thread unless --threads says
+    otherwise: on a 2-core CPU that other work shares, one thread generated about 6x the tokens/s of two
+    (bench/RESULTS.md)."""
+    if args.threads is None:
+        import torch
+
+        torch.set_num_threads(1)
     limits = Limits(
         args.max_new_tokens,
         args.max_time,

@@ -28,9 +28,9 @@ from pathlib import Path
 import datasets
 import torch
 import yaml
+from safetensors.torch import load_file, save_file
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments, Trainer, TrainerCallback, set_seed
-from transformers.trainer_pt_utils import LengthGroupedSampler
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
 from chatft.args import RUN_ARGS_FILE, DataArguments, ModelArguments
 from chatft.collator import PackedCollator, PadCollator
@@ -368,13 +368,41 @@ class ChatTrainer(Trainer):
         self._window_start = None
 
     def _get_train_sampler(self, train_dataset=None):
-        """Length grouping over whole optimizer steps of every process (the Trainer groups per process), so that
-        any split of a step (batch x accumulation x processes) batches the same examples together."""
-        sampler = super()._get_train_sampler(train_dataset)
-        if isinstance(sampler, LengthGroupedSampler):
-            args = self.args
-            sampler.batch_size = args.train_batch_size * args.gradient_accumulation_steps * args.world_size
-        return sampler
+        """Length grouping by StepGroupedSampler instead of the Trainer's (which groups per process and draws
+        from the global random state)."""
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        args = self.args
+        if args.train_sampling_strategy != "group_by_length" or not isinstance(dataset, datasets.Dataset):
+            return super()._get_train_sampler(train_dataset)
+        return StepGroupedSampler(
+            args.train_batch_size * args.gradient_accumulation_steps * args.world_size,
+            lengths=dataset[args.length_column_name],
+            seed=args.data_seed if args.data_seed is not None else args.seed,
+        )
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """P-Tuning v2: with the adapter (and with every checkpoint, which saves through here first), the whole
+        prefix encoder: embedding, and with --prefix_projection the MLP, which an exact resume needs."""
+        super().save_model(output_dir, _internal_call)
+        model = self.accelerator.unwrap_model(self.model)
+        if is_prefix_tuning(model) and self.args.should_save:
+            state = {k: v.detach().cpu().contiguous() for k, v in prefix_encoder(model).state_dict().items()}
+            save_file(state, str(Path(output_dir or self.args.output_dir) / PREFIX_ENCODER_FILE))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """P-Tuning v2: the whole prefix encoder (with --prefix_projection its MLP too, which peft's checkpoint
+        lacks: it holds the projected prefix) from PREFIX_ENCODER_FILE; everything else as the Trainer does."""
+        peft_model = self.accelerator.unwrap_model(model if model is not None else self.model)
+        if not is_prefix_tuning(peft_model):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = Path(resume_from_checkpoint) / PREFIX_ENCODER_FILE
+        if not path.is_file():
+            raise ValueError(
+                f"{resume_from_checkpoint} has no {PREFIX_ENCODER_FILE} (written by chatft with every P-Tuning "
+                "checkpoint), so the prefix encoder cannot be restored exactly; continue from its prefix with "
+                f"--ptuning_checkpoint {resume_from_checkpoint} instead (a new optimizer and schedule)"
+            )
+        prefix_encoder(peft_model).load_state_dict(load_file(str(path)))
 
     def evaluate(self, *args, **kwargs) -> dict[str, float]:
         """The eval loss, and with --predict_with_generate the ROUGE/BLEU of greedy answers on the eval set."""
@@ -483,6 +511,38 @@ def data_refused(prepared: PreparedData, data_args: DataArguments) -> str | None
     return None
 
 
+PREFIX_ENCODER_FILE = "prefix_encoder.safetensors"
+
+
+class StepGroupedSampler(LengthGroupedSampler):
+    """The Trainer's length grouping, with two changes that keep a run the same however it is split or resumed:
+    groups of whole optimizer steps of all processes (batch x accumulation x processes), so every split of a step
+    batches the same examples together; and an order drawn from (seed, epoch) alone, so a resumed run redraws
+    the interrupted epoch's order exactly (the Trainer's draws from the global random state, which is elsewhere
+    by then)."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int) -> None:
+        super().__init__(batch_size, lengths=lengths)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:  # the Trainer calls it at the start of every epoch
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+
+def is_prefix_tuning(model) -> bool:
+    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", "default"))
+    return str(getattr(config, "peft_type", "")).endswith("PREFIX_TUNING")
+
+
+def prefix_encoder(model) -> torch.nn.Module:
+    return model.prompt_encoder[model.active_adapter]
+
+
 class SaveRunArgs(TrainerCallback):
     """Every checkpoint gets the run's arguments beside the weights and tokenizer, and a full model's config
     says use_cache true again (it is off only while training), so the checkpoint generates at full speed."""
@@ -508,14 +568,28 @@ def write_run_args(folder: Path, run_args: dict) -> None:
 def resolve_resume(training_args: TrainArguments) -> str | None:
     resume = training_args.resume_from_checkpoint
     if resume == "auto":
-        last = (
-            get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
-        )
+        last = last_complete_checkpoint(training_args.output_dir)
         print(f"resuming from {last}" if last else "no checkpoint to resume from: starting fresh")
         return last
     if resume and not os.path.isdir(resume):
         raise ValueError(f"--resume_from_checkpoint {resume}: no such checkpoint folder")
     return resume
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest checkpoint-N folder the Trainer finished writing (trainer_state.json is its last file); a run
+    killed while saving leaves a newer one without it, which is skipped with a word."""
+    folder = Path(output_dir)
+    found = sorted(
+        (int(p.name.split("-", 1)[1]), p)
+        for p in (folder.glob("checkpoint-*") if folder.is_dir() else [])
+        if p.is_dir() and p.name.split("-", 1)[1].isdigit()
+    )
+    for _, path in reversed(found):
+        if (path / "trainer_state.json").is_file():
+            return str(path)
+        print(f"{path} is incomplete (no trainer_state.json): skipped")
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

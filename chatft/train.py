@@ -28,7 +28,6 @@ from pathlib import Path
 import datasets
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments, Trainer, TrainerCallback, set_seed
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
@@ -40,7 +39,13 @@ from chatft.data.formats import DataFileError, load_conversations
 from chatft.data.templates import IGNORE_INDEX, TemplateError, get_template
 from chatft.infer import generation_scores
 from chatft.loss import DEFAULT_CHUNK_SIZE, causal_lm_loss, unsupported_reason
-from chatft.methods import load_model, load_tokenizer
+from chatft.methods import (
+    PREFIX_ENCODER_FILE,
+    load_model,
+    load_prefix_encoder,
+    load_tokenizer,
+    save_prefix_encoder,
+)
 from chatft.packing import PackedDataset, register_packed_sdpa
 from chatft.plot import plot_loss
 
@@ -386,8 +391,7 @@ class ChatTrainer(Trainer):
         super().save_model(output_dir, _internal_call)
         model = self.accelerator.unwrap_model(self.model)
         if is_prefix_tuning(model) and self.args.should_save:
-            state = {k: v.detach().cpu().contiguous() for k, v in prefix_encoder(model).state_dict().items()}
-            save_file(state, str(Path(output_dir or self.args.output_dir) / PREFIX_ENCODER_FILE))
+            save_prefix_encoder(model, output_dir or self.args.output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """P-Tuning v2: the whole prefix encoder (with --prefix_projection its MLP too, which peft's checkpoint
@@ -402,7 +406,7 @@ class ChatTrainer(Trainer):
                 "checkpoint), so the prefix encoder cannot be restored exactly; continue from its prefix with "
                 f"--ptuning_checkpoint {resume_from_checkpoint} instead (a new optimizer and schedule)"
             )
-        prefix_encoder(peft_model).load_state_dict(load_file(str(path)))
+        load_prefix_encoder(peft_model, resume_from_checkpoint)
 
     def evaluate(self, *args, **kwargs) -> dict[str, float]:
         """The eval loss, and with --predict_with_generate the ROUGE/BLEU of greedy answers on the eval set."""
@@ -511,9 +515,6 @@ def data_refused(prepared: PreparedData, data_args: DataArguments) -> str | None
     return None
 
 
-PREFIX_ENCODER_FILE = "prefix_encoder.safetensors"
-
-
 class StepGroupedSampler(LengthGroupedSampler):
     """The Trainer's length grouping, with two changes that keep a run the same however it is split or resumed:
     groups of whole optimizer steps of all processes (batch x accumulation x processes), so every split of a step
@@ -537,10 +538,6 @@ class StepGroupedSampler(LengthGroupedSampler):
 def is_prefix_tuning(model) -> bool:
     config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", "default"))
     return str(getattr(config, "peft_type", "")).endswith("PREFIX_TUNING")
-
-
-def prefix_encoder(model) -> torch.nn.Module:
-    return model.prompt_encoder[model.active_adapter]
 
 
 class SaveRunArgs(TrainerCallback):

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Tr
 
 from chatft import methods
 from chatft.args import ModelArguments
-from chatft.methods import describe_trainable, load_model, load_tokenizer
+from chatft.methods import describe_trainable, load_model, load_tokenizer, save_prefix_encoder
 
 # peft 0.21 reads the deprecated `is_gradient_checkpointing` of transformers 5 in PeftModel.from_pretrained
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
@@ -211,6 +211,24 @@ def test_ptuning_checkpoint_continues(
     before = snapshot(resumed)
     train(resumed, steps=1)
     assert_trained(resumed, before)
+
+
+def test_ptuning_checkpoint_written_by_chatft_keeps_its_projection(model_dir: Path, tmp_path: Path) -> None:
+    # chatft's checkpoints also hold the whole prefix encoder: training goes on with the MLP itself
+    model = load_model(model_args(model_dir, "ptuning", prefix_projection=True), training_args(tmp_path))
+    train(model, steps=1)
+    expected = logits(model)
+    model.save_pretrained(tmp_path / "ckpt")
+    save_prefix_encoder(model, tmp_path / "ckpt")
+    resumed = load_model(
+        model_args(model_dir, "ptuning", ptuning_checkpoint=str(tmp_path / "ckpt")), training_args(tmp_path)
+    )
+    trained = {n for n, p in resumed.named_parameters() if p.requires_grad}
+    assert any(".transform." in n for n in trained) and any(".embedding." in n for n in trained)
+    torch.testing.assert_close(logits(resumed), expected, atol=1e-5, rtol=0)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(dict(resumed.named_parameters())[name], p)
 
 
 def test_lora(model_dir: Path, tmp_path: Path) -> None:

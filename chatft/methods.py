@@ -165,7 +165,9 @@ def half_dtype(training_args: transformers.TrainingArguments) -> torch.dtype | N
 
 
 def _from_pretrained(model_args: ModelArguments, dtype: torch.dtype) -> PreTrainedModel:
-    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": model_args.attn_implementation}
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if model_args.attn_implementation:
+        kwargs["attn_implementation"] = model_args.attn_implementation
     bits = model_args.quantization_bit
     if bits is None:
         try:

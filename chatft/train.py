@@ -46,7 +46,13 @@ from chatft.methods import (
     load_tokenizer,
     save_prefix_encoder,
 )
-from chatft.packing import PackedDataset, register_packed_sdpa
+from chatft.packing import (
+    PackedDataset,
+    PackingError,
+    expect_packed,
+    install_isolation_guard,
+    register_packed_sdpa,
+)
 from chatft.plot import plot_loss
 
 DEFAULT_CACHE_DIR = "~/.cache/chatft/preprocessed"
@@ -360,6 +366,10 @@ class ChatTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.generation_eval = generation_eval
         self.loss_chunk_size = loss_chunk_size
+        # packed rows: every attention call must keep the examples apart (chatft.packing.expect_packed)
+        self.packed = isinstance(self.data_collator, PackedCollator)
+        if self.packed:
+            install_isolation_guard(self.accelerator.unwrap_model(self.model))
         reason = unsupported_reason(self.accelerator.unwrap_model(self.model)) if chunked_loss else None
         if reason and self.is_world_process_zero():
             print(f"chunked loss: off, {reason}; using the model's own loss")
@@ -423,10 +433,11 @@ class ChatTrainer(Trainer):
         num_tokens = inputs.pop("num_tokens", None)
         if model.training:
             self._count(inputs, num_examples, num_tokens)
-        if not self.chunked_loss:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        labels = inputs.pop("labels")
-        loss, outputs = causal_lm_loss(model, inputs, labels, num_items_in_batch, self.loss_chunk_size)
+        with expect_packed(inputs.get("position_ids") if self.packed else None):
+            if not self.chunked_loss:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            labels = inputs.pop("labels")
+            loss, outputs = causal_lm_loss(model, inputs, labels, num_items_in_batch, self.loss_chunk_size)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # num_items_in_batch counts every process's tokens, and the gradients are averaged over processes
             loss = loss * self.accelerator.num_processes
@@ -474,7 +485,9 @@ class ChatTrainer(Trainer):
         return window.tolist()
 
 
-def generation_eval_for(model_args: ModelArguments, data_args: DataArguments, training_args, tokenizer):
+def generation_eval_for(
+    model_args: ModelArguments, data_args: DataArguments, training_args, tokenizer, attention: str
+):
     """--predict_with_generate with --eval_file: a function scoring greedy answers to the eval records' last
     assistant turns (every record, whatever the batch size), rendered as in training."""
     if not (training_args.predict_with_generate and data_args.eval_file):
@@ -486,17 +499,15 @@ def generation_eval_for(model_args: ModelArguments, data_args: DataArguments, tr
 
     def scores(model) -> dict[str, float]:
         base = base_model(model)
-        attention, training = base.config._attn_implementation, model.training
-        base.set_attn_implementation(
-            model_args.attn_implementation
-        )  # packing's own sdpa is for training rows
+        training_attention, training = base.config._attn_implementation, model.training
+        base.set_attn_implementation(attention)  # packing's own sdpa is for training rows
         model.eval()
         try:
             return generation_scores(
                 model, tokenizer, template, records, max_new_tokens, training_args.per_device_eval_batch_size
             )
         finally:
-            base.set_attn_implementation(attention)
+            base.set_attn_implementation(training_attention)
             model.train(training)
 
     return scores
@@ -639,9 +650,9 @@ def main(argv: list[str] | None = None) -> int:
         "training": training_args.to_dict(),
     }
     train_set, eval_set = training_datasets(train, evaluation, packing, data_args, training_args, log)
-    attn = model_args.attn_implementation
+    own = attn = base_model(model).config._attn_implementation  # as loaded: the model's choice or the user's
     if packing:
-        attn = packed_attention(model, attn, log)
+        attn = packed_attention(model, own, log)
         collator = PackedCollator.for_backend(tokenizer.pad_token_id, attn)
     else:
         collator = PadCollator(tokenizer.pad_token_id)
@@ -655,12 +666,16 @@ def main(argv: list[str] | None = None) -> int:
         callbacks=[SaveRunArgs(run_args)],
         chunked_loss=training_args.chunked_loss,
         loss_chunk_size=training_args.loss_chunk_size,
-        generation_eval=generation_eval_for(model_args, data_args, training_args, tokenizer),
+        generation_eval=generation_eval_for(model_args, data_args, training_args, tokenizer, own),
     )
-    trainer.train(resume_from_checkpoint=resume)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except PackingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     model.config.use_cache = True  # off for training only; the saved model generates with its cache
-    if attn != model_args.attn_implementation:  # packing's own sdpa; config.json never records the attention
-        base_model(model).set_attn_implementation(model_args.attn_implementation)
+    if attn != own:  # packing's own sdpa; config.json never records the attention
+        base_model(model).set_attn_implementation(own)
     trainer.save_model(training_args.output_dir)
     if trainer.is_world_process_zero():
         write_run_args(Path(training_args.output_dir), run_args)

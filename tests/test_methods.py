@@ -23,17 +23,6 @@ IDS = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1
 DESCRIBE = re.compile(r"^trainable params: [\d,]+ \|\| all params: [\d,]+ \|\| trainable%: \d+\.\d{4}$")
 
 
-def _has_bnb() -> bool:
-    try:
-        import bitsandbytes  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-needs_bnb = pytest.mark.skipif(not _has_bnb(), reason="bitsandbytes is not installed")
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tokenizers import Tokenizer
@@ -253,7 +242,6 @@ def test_lora_target_list(model_dir: Path, tmp_path: Path) -> None:
         load_model(model_args(model_dir, "lora", lora_target="nope"), training_args(tmp_path))
 
 
-@needs_bnb
 @pytest.mark.parametrize("bits", [4, 8])
 def test_qlora(model_dir: Path, tmp_path: Path, bits: int, caplog: pytest.LogCaptureFixture) -> None:
     import bitsandbytes as bnb
@@ -269,7 +257,6 @@ def test_qlora(model_dir: Path, tmp_path: Path, bits: int, caplog: pytest.LogCap
     assert caplog.text.count("MatMul8bitLt") <= 1  # bitsandbytes would log it on every 8-bit matmul
 
 
-@needs_bnb
 def test_ptuning_on_4bit_base(model_dir: Path, tmp_path: Path) -> None:
     model = load_model(model_args(model_dir, "ptuning", quantization_bit=4), training_args(tmp_path))
     assert all(name.startswith("prompt_encoder.") for name, p in model.named_parameters() if p.requires_grad)
@@ -310,7 +297,7 @@ def test_ptuning_turns_gradient_checkpointing_off(
 
 @pytest.mark.parametrize(
     ("method", "kwargs"),
-    [("lora", None), ("full", None), pytest.param("qlora", {"use_reentrant": True}, marks=needs_bnb)],
+    [("lora", None), ("full", None), ("qlora", {"use_reentrant": True})],
 )
 def test_gradient_checkpointing(model_dir: Path, tmp_path: Path, method: str, kwargs: dict | None) -> None:
     args = training_args(tmp_path, activation_checkpointing=True, activation_checkpointing_kwargs=kwargs)

@@ -25,21 +25,34 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import datasets
 import torch
 import yaml
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments, Trainer, TrainerCallback, set_seed
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
 from chatft.args import RUN_ARGS_FILE, DataArguments, ModelArguments
 from chatft.collator import PackedCollator, PadCollator
-from chatft.data.check import report_lines
+from chatft.data.check import position_warning, report_lines
 from chatft.data.dataset import PreparedData, prepare_data
 from chatft.data.formats import DataFileError, load_conversations
 from chatft.data.templates import IGNORE_INDEX, TemplateError, get_template
 from chatft.inference.evaluation import generation_scores
 from chatft.loss import DEFAULT_CHUNK_SIZE, causal_lm_loss, unsupported_reason
-from chatft.methods import load_model, load_tokenizer
-from chatft.packing import PackedDataset, register_packed_sdpa
+from chatft.methods import (
+    PREFIX_ENCODER_FILE,
+    load_model,
+    load_prefix_encoder,
+    load_tokenizer,
+    save_prefix_encoder,
+)
+from chatft.packing import (
+    PackedDataset,
+    PackingError,
+    expect_packed,
+    install_isolation_guard,
+    register_packed_sdpa,
+)
 from chatft.plot import plot_loss
 
 DEFAULT_CACHE_DIR = "~/.cache/chatft/preprocessed"
@@ -104,20 +117,42 @@ def make_parser() -> HfArgumentParser:
     return HfArgumentParser((ModelArguments, DataArguments, TrainArguments))
 
 
-def yaml_to_argv(path: str) -> list[str]:
-    """A run.yaml's keys as command-line arguments, so that the real command line (which comes after) wins."""
-    with open(path, encoding="utf-8") as f:
-        config = yaml.safe_load(f) or {}
+def split_config(argv: list[str]) -> tuple[str | None, list[str]]:
+    """(the --config FILE / --config=FILE value, the other arguments)."""
+    for i, arg in enumerate(argv):
+        if arg == "--config":
+            if i + 1 >= len(argv):
+                raise ValueError("--config needs a YAML file")
+            return argv[i + 1], argv[:i] + argv[i + 2 :]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1], argv[:i] + argv[i + 1 :]
+    return None, argv
+
+
+def apply_config(parser: HfArgumentParser, path: str) -> None:
+    """A run.yaml's values become the parser's defaults, so that the command line still wins. Values keep their
+    YAML types (null is None, a mapping stays a dict: lr_scheduler_kwargs); strings go through the argument's
+    own type (PyYAML reads 2e-4 as a string, which becomes the float); one value where a list is expected (one
+    train_file) becomes a list of it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = yaml.safe_load(f)
+    except OSError as e:
+        raise ValueError(f"--config {path}: {e.strerror or e}") from e
+    except yaml.YAMLError as e:
+        raise ValueError(f"--config {path}: not YAML ({str(e).splitlines()[0]})") from e
+    if config is None:
+        return
     if not isinstance(config, dict):
-        raise ValueError(f"{path}: expected a mapping of argument names to values")
-    argv: list[str] = []
+        raise ValueError(f"--config {path}: expected a mapping of argument names to values")
+    actions = {a.dest: a for a in parser._actions}
+    unknown = [k for k in config if k not in actions or k == "help"]
+    if unknown:
+        raise ValueError(f"--config {path}: unknown argument(s): {', '.join(map(str, unknown))}")
     for key, value in config.items():
-        argv.append(f"--{key}")
-        if isinstance(value, list):
-            argv.extend(str(v) for v in value)
-        else:
-            argv.append(str(value))
-    return argv
+        if actions[key].nargs in ("+", "*") and not isinstance(value, list) and value is not None:
+            config[key] = [value]
+    parser.set_defaults(**config)
 
 
 def cpu_distributed(argv: list[str]) -> list[str]:
@@ -135,15 +170,11 @@ def cpu_distributed(argv: list[str]) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainArguments]:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--config" in argv:
-        i = argv.index("--config")
-        if i + 1 >= len(argv):
-            raise ValueError("--config needs a YAML file")
-        argv = yaml_to_argv(argv[i + 1]) + argv[:i] + argv[i + 2 :]
-    model_args, data_args, training_args = make_parser().parse_args_into_dataclasses(
-        args=cpu_distributed(argv)
-    )
+    config, argv = split_config(list(sys.argv[1:] if argv is None else argv))
+    parser = make_parser()
+    if config:
+        apply_config(parser, config)
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=cpu_distributed(argv))
     if not data_args.train_file:
         raise ValueError("--train_file is required (one or more .json/.jsonl files or directories)")
     return model_args, data_args, training_args
@@ -274,17 +305,24 @@ def available_memory() -> int | None:
 def training_datasets(
     train: PreparedData, evaluation: PreparedData | None, packing: bool, data_args, training_args, log
 ):
-    """The datasets the Trainer gets: packed rows, or examples (with a length column to group them by)."""
+    """The datasets the Trainer gets: packed rows, or examples (with a length column to group them by), each
+    filled up to a whole number of optimizer steps with empty items (chatft.packing says why)."""
+    per_step = (
+        training_args.per_device_train_batch_size
+        * training_args.gradient_accumulation_steps
+        * max(1, training_args.world_size)
+    )
     if packing:
-        packed_train = PackedDataset(train.dataset, data_args.max_seq_length, train.stats.lengths)
+        packed_train = PackedDataset(
+            train.dataset, data_args.max_seq_length, train.stats.lengths, rows_multiple=per_step
+        )
         log(packed_train.summary())
-        per_step = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
-        # a data set smaller than a step is all of it
-        per_step = min(per_step * max(1, training_args.world_size), len(packed_train))
-        rows_per_example = len(packed_train) / max(1, len(packed_train.lengths))
+        rows = sum(1 for row in packed_train.rows if row)
+        examples = (
+            min(per_step, rows) * len(packed_train.lengths) / rows
+        )  # a data set smaller than a step is all
         log(
-            f"packing: a step is {per_step} rows, about {per_step / max(rows_per_example, 1e-9):.1f} examples "
-            "(logged as examples_per_step)"
+            f"packing: a step is {per_step} rows, about {examples:.1f} examples (logged as examples_per_step)"
         )
         packed_eval = (
             PackedDataset(evaluation.dataset, data_args.max_seq_length, evaluation.stats.lengths)
@@ -294,10 +332,17 @@ def training_datasets(
         return packed_train, packed_eval
     columns = ["input_ids", "labels"]
     train_set = train.dataset.select_columns(columns)
+    lengths = list(train.stats.lengths)
+    fillers = -len(train_set) % per_step
+    if fillers:
+        empty = datasets.Dataset.from_dict({"input_ids": [[]] * fillers, "labels": [[]] * fillers})
+        train_set = datasets.concatenate_datasets([train_set, empty.cast(train_set.features)])
+        lengths += [0] * fillers
+        log(f"batches: {fillers} empty item(s) complete the last step of an epoch")
     if training_args.group_by_length and training_args.train_sampling_strategy == "random":
         training_args.train_sampling_strategy = "group_by_length"
     if training_args.train_sampling_strategy in ("group_by_length", "batch_rebalance"):
-        train_set = train_set.add_column(training_args.length_column_name, train.stats.lengths)
+        train_set = train_set.add_column(training_args.length_column_name, lengths)
     log(
         f"batches: padded to the longest example of each batch, sampling {training_args.train_sampling_strategy}"
     )
@@ -339,6 +384,10 @@ class ChatTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.generation_eval = generation_eval
         self.loss_chunk_size = loss_chunk_size
+        # packed rows: every attention call must keep the examples apart (chatft.packing.expect_packed)
+        self.packed = isinstance(self.data_collator, PackedCollator)
+        if self.packed:
+            install_isolation_guard(self.accelerator.unwrap_model(self.model))
         reason = unsupported_reason(self.accelerator.unwrap_model(self.model)) if chunked_loss else None
         if reason and self.is_world_process_zero():
             print(f"chunked loss: off, {reason}; using the model's own loss")
@@ -350,6 +399,42 @@ class ChatTrainer(Trainer):
         self._window = torch.zeros(4, dtype=torch.long)
         self._total = torch.zeros(4, dtype=torch.long)
         self._window_start = None
+
+    def _get_train_sampler(self, train_dataset=None):
+        """Length grouping by StepGroupedSampler instead of the Trainer's (which groups per process and draws
+        from the global random state)."""
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        args = self.args
+        if args.train_sampling_strategy != "group_by_length" or not isinstance(dataset, datasets.Dataset):
+            return super()._get_train_sampler(train_dataset)
+        return StepGroupedSampler(
+            args.train_batch_size * args.gradient_accumulation_steps * args.world_size,
+            lengths=dataset[args.length_column_name],
+            seed=args.data_seed if args.data_seed is not None else args.seed,
+        )
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """P-Tuning v2: with the adapter (and with every checkpoint, which saves through here first), the whole
+        prefix encoder: embedding, and with --prefix_projection the MLP, which an exact resume needs."""
+        super().save_model(output_dir, _internal_call)
+        model = self.accelerator.unwrap_model(self.model)
+        if is_prefix_tuning(model) and self.args.should_save:
+            save_prefix_encoder(model, output_dir or self.args.output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """P-Tuning v2: the whole prefix encoder (with --prefix_projection its MLP too, which peft's checkpoint
+        lacks: it holds the projected prefix) from PREFIX_ENCODER_FILE; everything else as the Trainer does."""
+        peft_model = self.accelerator.unwrap_model(model if model is not None else self.model)
+        if not is_prefix_tuning(peft_model):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = Path(resume_from_checkpoint) / PREFIX_ENCODER_FILE
+        if not path.is_file():
+            raise ValueError(
+                f"{resume_from_checkpoint} has no {PREFIX_ENCODER_FILE} (written by chatft with every P-Tuning "
+                "checkpoint), so the prefix encoder cannot be restored exactly; continue from its prefix with "
+                f"--ptuning_checkpoint {resume_from_checkpoint} instead (a new optimizer and schedule)"
+            )
+        load_prefix_encoder(peft_model, resume_from_checkpoint)
 
     def evaluate(self, *args, **kwargs) -> dict[str, float]:
         """The eval loss, and with --predict_with_generate the ROUGE/BLEU of greedy answers on the eval set."""
@@ -366,10 +451,11 @@ class ChatTrainer(Trainer):
         num_tokens = inputs.pop("num_tokens", None)
         if model.training:
             self._count(inputs, num_examples, num_tokens)
-        if not self.chunked_loss:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        labels = inputs.pop("labels")
-        loss, outputs = causal_lm_loss(model, inputs, labels, num_items_in_batch, self.loss_chunk_size)
+        with expect_packed(inputs.get("position_ids") if self.packed else None):
+            if not self.chunked_loss:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            labels = inputs.pop("labels")
+            loss, outputs = causal_lm_loss(model, inputs, labels, num_items_in_batch, self.loss_chunk_size)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # num_items_in_batch counts every process's tokens, and the gradients are averaged over processes
             loss = loss * self.accelerator.num_processes
@@ -417,7 +503,9 @@ class ChatTrainer(Trainer):
         return window.tolist()
 
 
-def generation_eval_for(model_args: ModelArguments, data_args: DataArguments, training_args, tokenizer):
+def generation_eval_for(
+    model_args: ModelArguments, data_args: DataArguments, training_args, tokenizer, attention: str
+):
     """--predict_with_generate with --eval_file: a function scoring greedy answers to the eval records' last
     assistant turns (every record, whatever the batch size), rendered as in training."""
     if not (training_args.predict_with_generate and data_args.eval_file):
@@ -429,17 +517,15 @@ def generation_eval_for(model_args: ModelArguments, data_args: DataArguments, tr
 
     def scores(model) -> dict[str, float]:
         base = base_model(model)
-        attention, training = base.config._attn_implementation, model.training
-        base.set_attn_implementation(
-            model_args.attn_implementation
-        )  # packing's own sdpa is for training rows
+        training_attention, training = base.config._attn_implementation, model.training
+        base.set_attn_implementation(attention)  # packing's own sdpa is for training rows
         model.eval()
         try:
             return generation_scores(
                 model, tokenizer, template, records, max_new_tokens, training_args.per_device_eval_batch_size
             )
         finally:
-            base.set_attn_implementation(attention)
+            base.set_attn_implementation(training_attention)
             model.train(training)
 
     return scores
@@ -456,6 +542,31 @@ def data_refused(prepared: PreparedData, data_args: DataArguments) -> str | None
     if len(prepared.dataset) == 0:
         return "no example left to train on"
     return None
+
+
+class StepGroupedSampler(LengthGroupedSampler):
+    """The Trainer's length grouping, with two changes that keep a run the same however it is split or resumed:
+    groups of whole optimizer steps of all processes (batch x accumulation x processes), so every split of a step
+    batches the same examples together; and an order drawn from (seed, epoch) alone, so a resumed run redraws
+    the interrupted epoch's order exactly (the Trainer's draws from the global random state, which is elsewhere
+    by then)."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int) -> None:
+        super().__init__(batch_size, lengths=lengths)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:  # the Trainer calls it at the start of every epoch
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+
+def is_prefix_tuning(model) -> bool:
+    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", "default"))
+    return str(getattr(config, "peft_type", "")).endswith("PREFIX_TUNING")
 
 
 class SaveRunArgs(TrainerCallback):
@@ -483,14 +594,28 @@ def write_run_args(folder: Path, run_args: dict) -> None:
 def resolve_resume(training_args: TrainArguments) -> str | None:
     resume = training_args.resume_from_checkpoint
     if resume == "auto":
-        last = (
-            get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
-        )
+        last = last_complete_checkpoint(training_args.output_dir)
         print(f"resuming from {last}" if last else "no checkpoint to resume from: starting fresh")
         return last
     if resume and not os.path.isdir(resume):
         raise ValueError(f"--resume_from_checkpoint {resume}: no such checkpoint folder")
     return resume
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest checkpoint-N folder the Trainer finished writing (trainer_state.json is its last file); a run
+    killed while saving leaves a newer one without it, which is skipped with a word."""
+    folder = Path(output_dir)
+    found = sorted(
+        (int(p.name.split("-", 1)[1]), p)
+        for p in (folder.glob("checkpoint-*") if folder.is_dir() else [])
+        if p.is_dir() and p.name.split("-", 1)[1].isdigit()
+    )
+    for _, path in reversed(found):
+        if (path / "trainer_state.json").is_file():
+            return str(path)
+        print(f"{path} is incomplete (no trainer_state.json): skipped")
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -535,6 +660,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    warning = position_warning(base_model(model).config, data_args.max_seq_length, train.stats.lengths)
+    if warning:
+        log(warning)
     run_args = {
         "model": dataclasses.asdict(model_args),
         # closing_tokens: the ends of turn the data trained, where inference stops too
@@ -543,9 +671,9 @@ def main(argv: list[str] | None = None) -> int:
         "training": training_args.to_dict(),
     }
     train_set, eval_set = training_datasets(train, evaluation, packing, data_args, training_args, log)
-    attn = model_args.attn_implementation
+    own = attn = base_model(model).config._attn_implementation  # as loaded: the model's choice or the user's
     if packing:
-        attn = packed_attention(model, attn, log)
+        attn = packed_attention(model, own, log)
         collator = PackedCollator.for_backend(tokenizer.pad_token_id, attn)
     else:
         collator = PadCollator(tokenizer.pad_token_id)
@@ -559,12 +687,16 @@ def main(argv: list[str] | None = None) -> int:
         callbacks=[SaveRunArgs(run_args)],
         chunked_loss=training_args.chunked_loss,
         loss_chunk_size=training_args.loss_chunk_size,
-        generation_eval=generation_eval_for(model_args, data_args, training_args, tokenizer),
+        generation_eval=generation_eval_for(model_args, data_args, training_args, tokenizer, own),
     )
-    trainer.train(resume_from_checkpoint=resume)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except PackingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     model.config.use_cache = True  # off for training only; the saved model generates with its cache
-    if attn != model_args.attn_implementation:  # packing's own sdpa; config.json never records the attention
-        base_model(model).set_attn_implementation(model_args.attn_implementation)
+    if attn != own:  # packing's own sdpa; config.json never records the attention
+        base_model(model).set_attn_implementation(own)
     trainer.save_model(training_args.output_dir)
     if trainer.is_world_process_zero():
         write_run_args(Path(training_args.output_dir), run_args)

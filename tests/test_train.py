@@ -1,7 +1,7 @@
 """finetune.py end to end on a tiny model built from a config and the toy tokenizer (CPU, seconds each)."""
 
 import json
-import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from toy import CHATS, make_tokenizer, openai_jsonl, save_tiny_model
+from toy import CHATS, make_tokenizer, many_chats, openai_jsonl, save_tiny_model
 from transformers import AutoModelForCausalLM
 
-from chatft.train import main
+from chatft.train import main, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,49 +102,112 @@ def test_method_end_to_end(tiny_model, data_file, tmp_path, method, extra):
     assert torch.isfinite(model(input_ids=ids).logits).all()
 
 
-def test_gradient_accumulation_equals_bigger_batch(tiny_model, tmp_path):
-    """One SGD step (lr 1, no clipping): the weights after it are w - g, so equal weights mean equal gradients."""
-    data = tmp_path / "four.jsonl"
-    data.write_text(openai_jsonl(CHATS[:4]))
-    common = ["--method", "full", "--max_steps", "1", "--optim", "sgd", "--learning_rate", "1.0",
-              "--max_grad_norm", "0", "--lr_scheduler_type", "constant", "--save_strategy", "no"]  # fmt: skip
-    a, b = tmp_path / "a", tmp_path / "b"
-    assert run(tiny_model, str(data), a, *common, "--per_device_train_batch_size", "4") == 0
+@pytest.fixture(scope="module")
+def many_file(tmp_path_factory) -> str:
+    """24 chats of 16-80 tokens: with --max_seq_length 96, 10 packed rows (3 steps of 4 rows an epoch, the last
+    one short) or 6 padded batches of 4, so 5 steps cross an epoch boundary either way."""
+    f = tmp_path_factory.mktemp("many") / "many.jsonl"
+    f.write_text(openai_jsonl(many_chats(24)))
+    return str(f)
+
+
+SPLITS = [("4", "1"), ("2", "2"), ("1", "4")]  # per-device batch x accumulation: one step of 4
+
+
+@pytest.mark.parametrize("packing", ["True", "False"])
+def test_any_split_of_a_step_logs_the_same_losses_and_trains_the_same_weights(
+    tiny_model, many_file, tmp_path, capsys, packing
+):
+    common = ["--method", "full", "--max_steps", "5", "--max_seq_length", "96", "--packing", packing,
+              "--learning_rate", "1e-3", "--save_strategy", "no"]  # fmt: skip
+    results = []
+    for batch, accumulation in SPLITS:
+        out = tmp_path / f"b{batch}x{accumulation}"
+        argv = [
+            *common,
+            "--per_device_train_batch_size",
+            batch,
+            "--gradient_accumulation_steps",
+            accumulation,
+        ]
+        assert run(tiny_model, many_file, out, *argv) == 0
+        results.append((logged_losses(out), tensors(out / "model.safetensors")))
+    log = capsys.readouterr().out
+    if packing == "True":
+        assert "packing: 24 examples into 10 rows" in log  # several rows; 5 steps of 4 cross an epoch
+    (losses, weights), others = results[0], results[1:]
+    assert sorted(losses) == [1, 2, 3, 4, 5] and len(set(losses.values())) == 5
+    base = tensors(Path(tiny_model) / "model.safetensors")
+    assert all(not torch.equal(weights[k], base[k]) for k in base if "norm" not in k)
+    for other_losses, other_weights in others:
+        assert other_losses == pytest.approx(losses, abs=1e-5)
+        for k in weights:
+            torch.testing.assert_close(other_weights[k], weights[k], atol=1e-5, rtol=1e-4)
+
+
+# per method: extra arguments, with a batch that makes an epoch 3 steps of many_file (packed: 10 rows and 2 empty
+# ones in steps of 4; P-Tuning pads: 24 examples in steps of 8), so a kill at step 5 resumes inside epoch 2
+RESUMED = {
+    "lora-dropout": ["--method", "lora", "--lora_dropout", "0.1", "--per_device_train_batch_size", "4"],
+    "full": ["--method", "full", "--per_device_train_batch_size", "4"],
+    "ptuning": ["--method", "ptuning", "--pre_seq_len", "4", "--per_device_train_batch_size", "8"],
+    "ptuning-projection": ["--method", "ptuning", "--pre_seq_len", "4", "--prefix_projection", "True",
+                           "--per_device_train_batch_size", "8"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("method", list(RESUMED))
+def test_a_killed_run_resumes_to_the_same_losses_and_weights(tiny_model, many_file, tmp_path, method):
+    """A real training process SIGKILLed at step 5 (checkpoint-4 on disk, step 5 done but not saved) and resumed
+    with --resume_from_checkpoint auto logs the same losses and ends with the same weights as an uninterrupted
+    run: model, optimizer, scheduler, data order and random state (dropout) all restored, across an epoch."""
+    common = [*RESUMED[method], "--max_steps", "8", "--save_steps", "4", "--max_seq_length", "96",
+              "--learning_rate", "1e-2", "--warmup_steps", "2"]  # fmt: skip
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert run(tiny_model, many_file, whole, *common) == 0
+    argv = ["--model_name_or_path", tiny_model, "--train_file", many_file, "--output_dir", str(killed),
+            "--logging_steps", "1", "--report_to", "none", "--seed", "42", "--dataloader_num_workers", "0", *common]  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "killed_run.py"), "5", *argv],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == -signal.SIGKILL, r.stdout[-2000:] + r.stderr[-2000:]
+    assert sorted(p.name for p in killed.glob("checkpoint-*")) == ["checkpoint-4"]
+    assert main([*argv, "--resume_from_checkpoint", "auto"]) == 0
+    a, b = logged_losses(whole), logged_losses(killed)  # steps 1-4 come with the checkpoint's state
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    assert b == pytest.approx(a, abs=1e-5)
+    name = "model.safetensors" if method == "full" else "adapter_model.safetensors"
+    mine, theirs = tensors(whole / name), tensors(killed / name)
+    assert mine.keys() == theirs.keys()
+    for k in mine:
+        torch.testing.assert_close(theirs[k], mine[k], atol=1e-5, rtol=1e-4)
+
+
+def test_auto_resume_skips_a_checkpoint_left_half_written(tiny_model, data_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run(tiny_model, data_file, out, "--max_steps", "2", "--save_steps", "2") == 0
+    (out / "checkpoint-3").mkdir()  # killed while saving: no trainer_state.json yet
+    (out / "checkpoint-3" / "adapter_config.json").write_text("{")
+    capsys.readouterr()
     assert (
         run(
             tiny_model,
-            str(data),
-            b,
-            *common,
-            "--per_device_train_batch_size",
+            data_file,
+            out,
+            "--max_steps",
+            "4",
+            "--save_steps",
             "2",
-            "--gradient_accumulation_steps",
-            "2",
+            "--resume_from_checkpoint",
+            "auto",
         )
         == 0
     )
-    assert logged_losses(a)[1] == pytest.approx(logged_losses(b)[1], abs=1e-5)
-    wa, wb = tensors(a / "model.safetensors"), tensors(b / "model.safetensors")
-    base = tensors(Path(tiny_model) / "model.safetensors")
-    assert any(not torch.equal(wa[k], base[k]) for k in wa)
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
-
-
-def test_resume_after_a_kill_reaches_the_same_losses(tiny_model, data_file, tmp_path, capsys):
-    common = ["--method", "lora", "--max_steps", "6", "--save_steps", "2"]
-    full_run, resumed = tmp_path / "full", tmp_path / "resumed"
-    assert run(tiny_model, data_file, full_run, *common) == 0
-    # A run killed after step 2 leaves exactly its checkpoint-2 on disk.
-    resumed.mkdir()
-    shutil.copytree(full_run / "checkpoint-2", resumed / "checkpoint-2")
-    capsys.readouterr()
-    assert run(tiny_model, data_file, resumed, *common, "--resume_from_checkpoint", "auto") == 0
-    assert f"resuming from {resumed / 'checkpoint-2'}" in capsys.readouterr().out
-    a, b = logged_losses(full_run), logged_losses(resumed)  # steps 1-2 come with the checkpoint's state
-    assert sorted(b) == [1, 2, 3, 4, 5, 6]
-    for step in b:
-        assert b[step] == pytest.approx(a[step], abs=1e-4)
+    printed = capsys.readouterr().out
+    assert f"resuming from {out / 'checkpoint-2'}" in printed
+    assert f"{out / 'checkpoint-3'} is incomplete (no trainer_state.json): skipped" in printed
+    assert sorted(logged_losses(out)) == [1, 2, 3, 4]
 
 
 def test_config_yaml_with_command_line_overriding(tiny_model, data_file, tmp_path):
@@ -156,6 +219,50 @@ def test_config_yaml_with_command_line_overriding(tiny_model, data_file, tmp_pat
     )
     assert main(["--config", str(cfg), "--max_steps", "2"]) == 0
     assert sorted(logged_losses(out)) == [1, 2]
+
+
+def test_config_yaml_keeps_yaml_types_and_the_command_line_wins(tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        "train_file: a.json\nlearning_rate: 2e-4\ntemplate: null\nlr_scheduler_type: cosine_with_min_lr\n"
+        "lr_scheduler_kwargs: {min_lr: 1.0e-5}\nmax_steps: 5\npacking: false\n"
+    )
+    model_args, data_args, training_args = parse_args([f"--config={cfg}", "--max_steps", "2"])
+    assert data_args.train_file == ["a.json"]  # one file where a list is expected
+    assert (
+        training_args.learning_rate == 2e-4
+    )  # PyYAML reads 2e-4 as a string: the argument's type converts it
+    assert model_args.template is None  # null, not the string "None"
+    assert training_args.lr_scheduler_kwargs == {"min_lr": 1e-5}
+    assert training_args.max_steps == 2 and data_args.packing is False
+    cfg.write_text("train_file: [a.json]\nlerning_rate: 1\n")
+    assert main(["--config", str(cfg)]) == 2
+    assert "unknown argument(s): lerning_rate" in capsys.readouterr().err
+    cfg.write_text("- a\n- b\n")
+    assert main(["--config", str(cfg)]) == 2
+    assert "expected a mapping" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--max_seq_length", "0"], "--max_seq_length must be a positive number of tokens, not 0"),
+        (["--max_target_length", "-3"], "--max_target_length must be a positive number of tokens, not -3"),
+    ],
+)
+def test_bad_lengths_are_usage_errors(tmp_path, capsys, extra, message):
+    assert main(["--train_file", "x.json", "--output_dir", str(tmp_path), *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_length_above_the_models_positions_is_warned_about(tiny_model, data_file, tmp_path, capsys):
+    assert run(tiny_model, data_file, tmp_path / "o", "--max_steps", "1", "--max_seq_length", "4096") == 0
+    assert (
+        "warning: --max_seq_length 4096 is above the model's max_position_embeddings 2048: 0 example(s) are "
+        "longer than 2048 tokens" in capsys.readouterr().out
+    )
+    assert run(tiny_model, data_file, tmp_path / "p", "--max_steps", "1", "--max_seq_length", "2048") == 0
+    assert "max_position_embeddings" not in capsys.readouterr().out
 
 
 def test_invalid_data_stops_before_the_model_is_loaded(tmp_path, capsys):
@@ -181,21 +288,49 @@ def test_invalid_data_stops_before_the_model_is_loaded(tmp_path, capsys):
     assert "trainable params" not in captured.out
 
 
-def test_zero3_full_fine_tune_on_two_cpu_processes(tiny_model, data_file, tmp_path):
-    out = tmp_path / "z3"
+@pytest.mark.parametrize(
+    "deepspeed,packing",
+    [(None, "True"), (None, "False"), ("ds_zero2.json", "True"), ("ds_zero3.json", "True")],
+    ids=["ddp-packed", "ddp-padded", "zero2", "zero3"],
+)
+def test_two_processes_of_batch_2_train_as_one_process_of_batch_4(
+    tiny_model, many_file, tmp_path, deepspeed, packing
+):
+    """The loss is normalised over the trained tokens of the whole step on every process: the same logged losses
+    and the same weights (ZeRO-3's gathered at save) as one process with the whole step."""
+    common = ["--method", "full", "--max_steps", "4", "--max_seq_length", "96", "--packing", packing,
+              "--learning_rate", "1e-3", "--save_strategy", "no"]  # fmt: skip
+    one = tmp_path / "one"
+    assert run(tiny_model, many_file, one, *common, "--per_device_train_batch_size", "4") == 0
+    two = tmp_path / "two"
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-        str(ROOT / "finetune.py"), "--model_name_or_path", tiny_model, "--train_file", data_file, "--method", "full",
-        "--deepspeed", str(ROOT / "configs" / "ds_zero3.json"), "--max_steps", "2", "--per_device_train_batch_size",
-        "2", "--output_dir", str(out), "--save_strategy", "no", "--report_to", "none", "--learning_rate", "1e-2",
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        str(ROOT / "finetune.py"), "--model_name_or_path", tiny_model, "--train_file", many_file,
+        "--output_dir", str(two), "--per_device_train_batch_size", "2", "--logging_steps", "1", "--report_to", "none",
+        "--seed", "42", "--dataloader_num_workers", "0", *common,
     ]  # fmt: skip
+    if deepspeed:
+        cmd += ["--deepspeed", str(ROOT / "configs" / deepspeed)]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    model = AutoModelForCausalLM.from_pretrained(out)  # gathered ZeRO-3 weights, a plain folder
+    losses = logged_losses(one)
+    assert sorted(losses) == [1, 2, 3, 4] and len(set(losses.values())) == 4
+    assert logged_losses(two) == pytest.approx(losses, abs=1e-5)
+    mine = tensors(one / "model.safetensors")
+    theirs = AutoModelForCausalLM.from_pretrained(two).state_dict()  # a plain folder, also from ZeRO-3
     base = tensors(Path(tiny_model) / "model.safetensors")
-    trained = model.state_dict()
-    assert any(not torch.equal(trained[k], base[k]) for k in base)
-    assert (out / "tokenizer.json").exists()
+    assert any(not torch.equal(mine[k], base[k]) for k in base)
+    for k in mine:
+        torch.testing.assert_close(theirs[k], mine[k], atol=1e-5, rtol=1e-4)
+    assert (two / "tokenizer.json").exists()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_eval_loss_and_generation_metrics_at_each_evaluation(tiny_model, data_file, tmp_path):
@@ -203,15 +338,26 @@ def test_eval_loss_and_generation_metrics_at_each_evaluation(tiny_model, data_fi
     dev.write_text("".join(Path(data_file).read_text().splitlines(keepends=True)[:3]))
     out = tmp_path / "out"
     code = run(
-        tiny_model, data_file, out, "--method", "lora", "--max_steps", "4", "--eval_file", str(dev),
-        "--eval_steps", "2", "--save_steps", "2", "--predict_with_generate", "True", "--generation_max_length", "4",
-        "--per_device_eval_batch_size", "2",
+        tiny_model, data_file, out, "--method", "full", "--max_steps", "30", "--eval_file", str(dev),
+        "--eval_steps", "15", "--save_steps", "15", "--predict_with_generate", "True", "--generation_max_length", "4",
+        "--per_device_eval_batch_size", "2", "--learning_rate", "3e-3",
     )  # fmt: skip
     assert code == 0
     state = json.loads((out / "trainer_state.json").read_text())
     evals = [e for e in state["log_history"] if "eval_loss" in e]
     scores = [e for e in state["log_history"] if "eval_rouge-1" in e]
-    assert [e["step"] for e in evals] == [2, 4] and [e["step"] for e in scores] == [2, 4]
-    assert all(set(e) >= {"eval_rouge-2", "eval_rouge-l", "eval_bleu-4"} for e in scores)
-    config = json.loads((out / "checkpoint-2" / "run_args.json").read_text())
+    assert [e["step"] for e in evals] == [15, 30] and [e["step"] for e in scores] == [15, 30]
+    # the scores at step 30 are those of the final model's greedy answers to the eval records, as inference.py
+    # predicts and scores them
+    pred = tmp_path / "pred.jsonl"
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "inference.py"), "--model", str(out), "--input_file", str(dev),
+         "--output_file", str(pred), "--max_new_tokens", "4", "--eval"],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    expected = json.loads(Path(f"{pred}.metrics.json").read_text())["scores"]
+    assert {k: scores[1][f"eval_{k}"] for k in expected} == pytest.approx(expected)
+    assert expected["rouge-1"] > 0  # some answer words learnt: the comparison is not of zeros
+    config = json.loads((out / "checkpoint-15" / "run_args.json").read_text())
     assert config["data"]["formats"] == {data_file: "openai"}

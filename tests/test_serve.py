@@ -4,6 +4,7 @@ client library would not send), on tiny byte-level models served in this process
 from __future__ import annotations
 
 import json
+import random
 import socket
 import subprocess
 import sys
@@ -19,7 +20,16 @@ from conftest import WEATHER_TOOLS
 
 from chatft.data.schema import Conversation, Message
 from chatft.inference.generation import GenerationOptions, answer, generate_one, render_prompt
-from chatft.inference.serve import Limits, Running, Server, StreamText, check_host, parse_tool_calls
+from chatft.inference.serve import (
+    ApiError,
+    Limits,
+    Running,
+    Server,
+    StreamText,
+    check_host,
+    parse_chat_request,
+    parse_tool_calls,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 HI = [{"role": "user", "content": "hi"}]
@@ -360,6 +370,7 @@ BAD = {  # name: (body, status, param or code in the error)
     "unknown model": ({"model": "gpt-9", "messages": HI}, 404, "model_not_found"),
     "no messages": ({"model": "tuned"}, 400, "messages"),
     "empty messages": ({"model": "tuned", "messages": []}, 400, "messages"),
+    "message not an object": ({"model": "tuned", "messages": ["hi"]}, 400, "messages[0]"),
     "unknown role": (
         {"model": "tuned", "messages": [{"role": "robot", "content": "hi"}]},
         400,
@@ -454,6 +465,43 @@ def test_every_bad_request_is_a_4xx_in_openais_error_shape_and_the_server_keeps_
         client(served).chat.completions.create(model="tuned", messages=HI).choices[0].message.content
         == "hello there!"
     )
+
+
+def test_random_bodies_get_api_errors_and_nothing_else(served):
+    """2,000 bodies of random JSON pieces in the places a chat request has: each is parsed or refused with an
+    ApiError (a 4xx), never another exception (a 500)."""
+    rng = random.Random(0)
+    atoms = [None, True, False, 0, 1, -1, 2.5, 1e9, "", "x", "user", "assistant", "system", "tool", "developer",
+             "tuned", [], {}, "text", "function"]  # fmt: skip
+    keys = ["model", "messages", "role", "content", "tools", "tool_calls", "function", "name", "arguments", "type",
+            "text", "stop", "max_tokens", "temperature", "top_p", "seed", "n", "stream", "stream_options",
+            "include_usage", "tool_call_id", "tool_choice", "max_completion_tokens", "loss"]  # fmt: skip
+
+    def value(depth: int = 0):
+        r = rng.random()
+        if depth > 3 or r < 0.5:
+            return rng.choice(atoms)
+        if r < 0.75:
+            return [value(depth + 1) for _ in range(rng.randint(0, 3))]
+        return {rng.choice(keys): value(depth + 1) for _ in range(rng.randint(0, 4))}
+
+    statuses = set()
+    for _ in range(2000):
+        body = {"model": "tuned", "messages": [{"role": "user", "content": "hi"}]}
+        for _ in range(rng.randint(1, 4)):
+            if rng.random() < 0.5 and isinstance(body.get("messages"), list):
+                body["messages"].append(
+                    value(1)
+                    if rng.random() < 0.5
+                    else {"role": rng.choice(atoms), rng.choice(keys): value(2)}
+                )
+            else:
+                body[rng.choice(keys)] = value()
+        try:
+            parse_chat_request(body, served.server.models, Limits(max_new_tokens=100))
+        except ApiError as e:
+            statuses.add(e.status)
+    assert statuses <= {400, 404} and 400 in statuses
 
 
 def test_an_api_key_is_required_when_set(served):

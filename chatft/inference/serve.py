@@ -180,7 +180,7 @@ def _conversation(messages: Any, tools: list | None, session: Session) -> Conver
     call_names: dict[str, str] = {}
     for i, raw in enumerate(messages):
         item = _plain_content(raw, i)
-        if item.get("role") == "assistant":
+        if isinstance(item, dict) and item.get("role") == "assistant":
             item = {**item, "loss": False}  # history, never trained: an empty answer is fine
         try:
             parsed.append(_openai_message(item, i, call_names))

@@ -281,6 +281,28 @@ def test_a_plain_lora_run_prints_no_library_noise(tiny_model, data_file, tmp_pat
     assert help_text.stdout.startswith("usage: finetune.py") and help_text.stderr == ""
 
 
+def test_help_shows_chatfts_arguments_and_the_common_trainer_ones_and_help_all_everything(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    short = capsys.readouterr().out
+    assert e.value.code == 0 and len(short.splitlines()) < 250
+    for group in (
+        "model and method:",
+        "data:",
+        "training: steps and batches:",
+        "training: precision and memory:",
+    ):
+        assert group in short
+    for name in ("--method", "--train_file", "--packing", "--learning_rate", "--per_device_train_batch_size",
+                 "--deepspeed", "--resume_from_checkpoint", "--bf16", "--seed", "--output_dir", "--save_steps"):  # fmt: skip
+        assert f"\n  {name} " in short, name
+    assert "--fsdp" not in short and "--help_all" in short
+    with pytest.raises(SystemExit):
+        main(["--help_all"])
+    everything = capsys.readouterr().out
+    assert "--fsdp" in everything and len(everything.splitlines()) > 2 * len(short.splitlines())
+
+
 def test_invalid_data_stops_before_the_model_is_loaded(tmp_path, capsys):
     tokenizer_only = tmp_path / "tok"  # no weights: reaching the model load would fail differently
     make_tokenizer().save_pretrained(tokenizer_only)

@@ -130,6 +130,33 @@ def test_sanity_check_lines_show_token_id_label():
     ]
 
 
+def test_sanity_check_groups_a_character_split_over_byte_level_tokens():
+    # a byte-level BPE (Qwen's kind, tests/families.py) spells an unseen CJK character as its three UTF-8 bytes
+    from families import make_tokenizer as family_tokenizer
+
+    from chatft.data.schema import Conversation, Message
+    from chatft.data.templates import encode, get_template
+
+    tok = family_tokenizer("qwen2.5")
+    e = encode(
+        Conversation([Message("user", "你好"), Message("assistant", "猫。")]), tok, get_template(None, tok)
+    )
+    lines = sanity_check_lines(e.input_ids, e.labels, tok)
+    assert lines[-6:] == [
+        "                '\\n':    203 ->   -100",
+        "                 '猫': 168, 239, 109 -> 168, 239, 109",
+        "                 '。':    511 ->    511",
+        "        '<|im_end|>':      2 ->      2",
+        "                '\\n':    203 ->   -100",
+        "<<<<<<<<<<<<< Sanity Check",
+    ]
+    half = [X] * (len(e.labels) - 6) + [X, 239, 109, 511, 2, X]  # the label rule never does this
+    assert (
+        "                 '猫': 168, 239, 109 -> -100, 239, 109   <- partly trained!"
+        in sanity_check_lines(e.input_ids, half, tok)
+    )
+
+
 @pytest.fixture
 def toy_model_dir(tmp_path):
     d = tmp_path / "tok"

@@ -265,6 +265,44 @@ def test_a_length_above_the_models_positions_is_warned_about(tiny_model, data_fi
     assert "max_position_embeddings" not in capsys.readouterr().out
 
 
+def test_a_plain_lora_run_prints_no_library_noise(tiny_model, data_file, tmp_path):
+    """bitsandbytes (imported through peft) and DeepSpeed log warnings on import that ask nothing of the user."""
+    cmd = [sys.executable, str(ROOT / "finetune.py"), "--model_name_or_path", tiny_model, "--train_file", data_file,
+           "--output_dir", str(tmp_path / "o"), "--max_steps", "1", "--report_to", "none"]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    printed = r.stdout + r.stderr
+    assert "model saved to" in printed  # the run's own lines are there
+    for noise in ("gemm_4bit_forward", "kernels-community", "Setting accelerator to CPU"):
+        assert noise not in printed
+    help_text = subprocess.run(
+        [sys.executable, str(ROOT / "finetune.py"), "--help"], capture_output=True, text=True
+    )
+    assert help_text.stdout.startswith("usage: finetune.py") and help_text.stderr == ""
+
+
+def test_help_shows_chatfts_arguments_and_the_common_trainer_ones_and_help_all_everything(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    short = capsys.readouterr().out
+    assert e.value.code == 0 and len(short.splitlines()) < 250
+    for group in (
+        "model and method:",
+        "data:",
+        "training: steps and batches:",
+        "training: precision and memory:",
+    ):
+        assert group in short
+    for name in ("--method", "--train_file", "--packing", "--learning_rate", "--per_device_train_batch_size",
+                 "--deepspeed", "--resume_from_checkpoint", "--bf16", "--seed", "--output_dir", "--save_steps"):  # fmt: skip
+        assert f"\n  {name} " in short, name
+    assert "--fsdp" not in short and "--help_all" in short
+    with pytest.raises(SystemExit):
+        main(["--help_all"])
+    everything = capsys.readouterr().out
+    assert "--fsdp" in everything and len(everything.splitlines()) > 2 * len(short.splitlines())
+
+
 def test_invalid_data_stops_before_the_model_is_loaded(tmp_path, capsys):
     tokenizer_only = tmp_path / "tok"  # no weights: reaching the model load would fail differently
     make_tokenizer().save_pretrained(tokenizer_only)

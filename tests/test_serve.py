@@ -365,6 +365,11 @@ def msgs(*roles: str) -> list[dict]:
 
 BAD = {  # name: (body, status, param or code in the error)
     "malformed JSON": (b'{"model": "tuned", "messages": [', 400, None),
+    "larger than 4 MiB": (
+        b'{"model": "tuned", "messages": [], "pad": "' + b"x" * (5 << 20) + b'"}',
+        413,
+        None,
+    ),
     "not an object": ([1, 2], 400, None),
     "no model": ({"messages": HI}, 400, "model"),
     "unknown model": ({"model": "gpt-9", "messages": HI}, 404, "model_not_found"),

@@ -688,10 +688,10 @@ class Server:
         }
 
     async def _events(self, job: Job, reply_id: str, created: int) -> AsyncIterator[str]:
-        def chunk(delta: dict, finish: str | None = None, **extra: Any) -> str:
+        def chunk(delta: dict, finish: str | None = None) -> str:
             choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
             body = {"id": reply_id, "object": "chat.completion.chunk", "created": created,
-                    "model": job.request.model, "choices": [choice], **extra}  # fmt: skip
+                    "model": job.request.model, "choices": [choice]}  # fmt: skip
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
         try:
@@ -719,7 +719,8 @@ class Server:
 
 
 async def _json_body(request: Any) -> Any:
-    if int(request.headers.get("content-length") or 0) > MAX_BODY:
+    length = request.headers.get("content-length") or "0"
+    if length.isdigit() and int(length) > MAX_BODY:
         raise ApiError(413, f"the request body is larger than {MAX_BODY} bytes")
     raw = await request.body()
     if len(raw) > MAX_BODY:

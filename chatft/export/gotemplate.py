@@ -200,7 +200,13 @@ def _run(nodes: list, dot: Any, scope: dict, out: list[str]) -> None:
             out.append(node[1])
         elif node[0] == "out":
             value = _eval(node[1], dot, scope)
-            out.append("" if value is None else str(value))
+            out.append(
+                "<no value>"
+                if value is None
+                else str(value).lower()
+                if isinstance(value, bool)
+                else str(value)
+            )
         elif node[0] == "set":
             scope[node[1]] = _eval(node[2], dot, scope)
         elif node[0] == "if":

@@ -14,6 +14,7 @@ text, else from the shape of its pre-tokenizer.
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -266,11 +267,18 @@ def add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int, tokens: Tokens) 
         p for p in _components(data.get("pre_tokenizer"), "pretokenizers") if p.get("type") == "ByteLevel"
     ]
     writer.add_add_space_prefix(bool(byte_level[0].get("add_prefix_space", False)))
-    with tempfile.TemporaryDirectory(prefix="chatft-gguf-vocab-") as folder:
-        tokenizer.save_pretrained(folder)  # SpecialVocab reads merges and special tokens from the files
-        special = gguf.SpecialVocab(
-            folder, load_merges=True, special_token_types=("bos", "eos", "unk", "pad"), n_vocab=vocab_size
-        )
+    quiet = logging.getLogger(
+        "gguf"
+    )  # its warnings on TemplateProcessing it cannot parse: add_bos is set below
+    level, quiet.level = quiet.level, logging.ERROR
+    try:
+        with tempfile.TemporaryDirectory(prefix="chatft-gguf-vocab-") as folder:
+            tokenizer.save_pretrained(folder)  # SpecialVocab reads merges and special tokens from the files
+            special = gguf.SpecialVocab(
+                folder, load_merges=True, special_token_types=("bos", "eos", "unk", "pad"), n_vocab=vocab_size
+            )
+    finally:
+        quiet.level = level
     stops = [i for i in tokens.stop_ids if i is not None]
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id in stops else (stops[0] if stops else None)
     if eos is not None:

@@ -88,6 +88,8 @@ def export(args: argparse.Namespace, log: Callable[[str], Any] = say) -> Path:
     check_source(args.source, args.base)  # refusals come before anything is loaded
     start = time.perf_counter()
     source = load_source(args.source, args.base, say=log)
+    if source.kind == "lora":
+        log(f"merged the LoRA adapter {args.source} into its float32 base {source.base}")
     conversations = sample_conversations(training_sample(source.run_args))
     modelfile = None
     if args.modelfile:
@@ -140,7 +142,7 @@ def template_name(source: Source) -> str:
     if source.template is None:
         return "none (raw prompts)"
     own = "the tokenizer's own" if not source.template.chat_template else source.template.name
-    return own + (" (the run trained with it)" if source.run_args else "")
+    return own + (", the one the run trained with" if source.run_args else "")
 
 
 def training_sample(run_args: dict, count: int = 8, max_bytes: int = 20_000_000) -> list[Conversation]:

@@ -11,6 +11,16 @@ RUN_ARGS_FILE = "run_args.json"  # a run's arguments, written beside every check
 FORMATS = ("auto", "multi-turn", "input-output", "openai", "alpaca", "sharegpt")
 
 
+def check_lengths(max_seq_length: int, max_source_length: int | None, max_target_length: int | None) -> None:
+    for name, value in (
+        ("max_seq_length", max_seq_length),
+        ("max_source_length", max_source_length),
+        ("max_target_length", max_target_length),
+    ):
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be a positive number of tokens, not {value}")
+
+
 @dataclass
 class ModelArguments:
     model_name_or_path: str = field(
@@ -126,3 +136,4 @@ class DataArguments:
     def __post_init__(self) -> None:
         if self.train_format not in FORMATS:
             raise ValueError(f"--train_format must be one of {', '.join(FORMATS)}, not {self.train_format!r}")
+        check_lengths(self.max_seq_length, self.max_source_length, self.max_target_length)

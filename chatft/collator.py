@@ -1,7 +1,9 @@
 """Batching: dynamic padding to the longest example of the batch (never to max_seq_length), or packed rows.
 
-PackedCollator also returns `num_examples` and `num_tokens` (real, non-pad tokens) for the step statistics;
-chatft.train.ChatTrainer takes them out before the forward, so use it with that Trainer.
+Both also return `num_examples` and `num_tokens` (real, non-pad tokens of the examples) for the step statistics;
+chatft.train.ChatTrainer takes them out before the forward, so use them with that Trainer. An empty item (a row
+that completes the last step of an epoch, chatft.packing) becomes one pad token with no label: no example, no
+trained token.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ class PadCollator:
     pad_to_multiple_of: int | None = None
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        longest = max(len(f["input_ids"]) for f in features)
+        longest = max(1, *(len(f["input_ids"]) for f in features))
         if self.pad_to_multiple_of:
             longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
         input_ids, labels, mask = [], [], []
@@ -35,11 +37,15 @@ class PadCollator:
             pad = longest - n
             input_ids.append(list(f["input_ids"]) + [self.pad_token_id] * pad)
             labels.append(list(f["labels"]) + [IGNORE_INDEX] * pad)
-            mask.append([1] * n + [0] * pad)
+            mask.append(
+                [1] * max(n, 1) + [0] * (pad - (n == 0))
+            )  # an empty item attends to its one pad token
         return {
             "input_ids": torch.tensor(input_ids, dtype=torch.long),
             "labels": torch.tensor(labels, dtype=torch.long),
             "attention_mask": torch.tensor(mask, dtype=torch.long),
+            "num_examples": torch.tensor(sum(1 for f in features if f["input_ids"]), dtype=torch.long),
+            "num_tokens": torch.tensor(sum(len(f["input_ids"]) for f in features), dtype=torch.long),
         }
 
 
@@ -77,7 +83,7 @@ class PackedCollator:
             ]
         else:
             rows = [(f["input_ids"], f["labels"], f["seq_lens"]) for f in features]
-        longest = max(len(ids) for ids, _, _ in rows)
+        longest = max(1, *(len(ids) for ids, _, _ in rows))  # a batch of empty rows is one pad token
         input_ids, labels, positions = [], [], []
         for ids, lab, seq_lens in rows:
             pad = longest - len(ids)
@@ -92,7 +98,8 @@ class PackedCollator:
             "num_tokens": torch.tensor(num_tokens, dtype=torch.long),
         }
         if self.flash_kwargs:
-            seq_lens = rows[0][2]
+            ids, _, seq_lens = rows[0]
+            seq_lens = list(seq_lens) + ([longest - len(ids)] if longest > len(ids) else [])
             cu = torch.tensor([0, *seq_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
             batch["cu_seq_lens_q"] = batch["cu_seq_lens_k"] = cu
             batch["max_length_q"] = batch["max_length_k"] = max(seq_lens)

@@ -14,8 +14,9 @@ to raw text when it was trained on input-output data.
 
 Every prompt is rendered as in training: the template's message dicts through apply_chat_template with
 add_generation_prompt=True, tokenized with no added special tokens; input-output records as raw text with the
-tokenizer's own prefix tokens (BOS) and no markup. Generation stops at EOS and at the end-of-turn tokens the
-tokenizer has (<|im_end|>, <|user|>, <|observation|>). Greedy unless --do_sample.
+tokenizer's own prefix tokens (BOS) and no markup. Generation stops at every end of turn (stop_token_ids): the
+model's own generation-config EOS ids, the tokenizer's EOS and the closing tokens training trains for the
+template. Greedy unless --do_sample.
 
 Bad input (a missing or mismatched checkpoint, unusable files) is one `error: ...` line on stderr and exit 2.
 """
@@ -40,6 +41,7 @@ from chatft.data.templates import (
     NATIVE_TEMPLATES,
     Template,
     TemplateError,
+    closing_token_ids,
     get_template,
     render_generation_prompt,
     tool_call_text,
@@ -50,7 +52,6 @@ from chatft.metrics import METRIC_NAMES, score
 
 ADAPTER_CONFIG = "adapter_config.json"
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|user|>", "<|observation|>")
 PREDICTION_FIELDS = ("file", "record", "prompt", "reference", "prediction")
 PEFT_KINDS = {"PREFIX_TUNING": "ptuning", "LORA": "lora"}
 ARCHITECTURE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
@@ -406,7 +407,8 @@ def load_session(args: argparse.Namespace, say: Callable[[str], Any] = _stderr) 
             f"note: trained on a {bits}-bit base; the base is loaded here in {str(dtype).removeprefix('torch.')}"
         )
     model = load_model(ckpt, dtype, device)
-    session = Session(model, tokenizer, template, raw, stop_token_ids(tokenizer), device, args.show_prompt)
+    stops = stop_token_ids(tokenizer, template, model.generation_config, ckpt.run_args)
+    session = Session(model, tokenizer, template, raw, stops, device, args.show_prompt)
     say(describe(ckpt, session, dtype))
     return session
 
@@ -559,12 +561,25 @@ def _check_all_weights_loaded(model: Any, path: str, misfit: str) -> None:
         raise InferError(f"{misfit} (the checkpoint has {what})")
 
 
-def stop_token_ids(tokenizer: Any) -> list[int]:
-    """EOS and the end-of-turn tokens this tokenizer has."""
+def stop_token_ids(
+    tokenizer: Any,
+    template: Template | None = None,
+    generation_config: Any = None,
+    run_args: dict | None = None,
+) -> list[int]:
+    """Where generation stops: the model's generation-config EOS ids (Llama-3, Gemma and Phi-3 list several)
+    ∪ the tokenizer's EOS ∪ the closing tokens training trains for the template (closing_token_ids) ∪ those the
+    checkpoint's training data trained (run_args.json's data.closing_tokens)."""
+    own = getattr(generation_config, "eos_token_id", None)
+    ids = list(own) if isinstance(own, (list, tuple)) else ([] if own is None else [own])
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    if template is not None:  # raw prompts end with EOS alone
+        ids += closing_token_ids(tokenizer, template)
+    trained = ((run_args or {}).get("data") or {}).get("closing_tokens") or {}
     vocab = tokenizer.get_vocab()
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    ids += [vocab[t] for t in END_OF_TURN_TOKENS if t in vocab]
-    return list(dict.fromkeys(ids))
+    ids += [vocab[t] for t in trained if t in vocab]
+    return list(dict.fromkeys(int(i) for i in ids))
 
 
 def describe(ckpt: Checkpoint, session: Session, dtype: Any) -> str:
@@ -815,7 +830,8 @@ def generation_scores(
     batch_size: int,
 ) -> dict[str, float]:
     """ROUGE/BLEU of greedy answers to the records' last assistant turns, for evaluation during training."""
-    session = Session(model, tokenizer, template, False, stop_token_ids(tokenizer), str(model.device))
+    stops = stop_token_ids(tokenizer, template, model.generation_config)
+    session = Session(model, tokenizer, template, False, stops, str(model.device))
     items, _ = prompt_items(session, records)
     rows = list(predict_items(session, GenerationOptions(max_new_tokens), items, batch_size))
     return score([r["prediction"] for r in rows], [r["reference"] for r in rows])
@@ -1011,7 +1027,8 @@ def merge_adapter(base: str, adapter: str, out: str, dtype: str = "float32", ove
     model = load_model(ckpt, getattr(torch, dtype), "cpu").merge_and_unload()
     model.config.use_cache = True
     generation = model.generation_config
-    generation.eos_token_id = stop_token_ids(tokenizer)  # standalone: stops at the end of a turn anywhere
+    # the model's own list, and every end of turn training trained: the merged folder stops on its own
+    generation.eos_token_id = stop_token_ids(tokenizer, template, generation, ckpt.run_args)
     generation.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out)
     if template is not None and template.chat_template:

@@ -121,13 +121,13 @@ def chunked_cross_entropy(
                     head, hidden[start : start + chunk_size], targets[start : start + chunk_size]
                 )
             return total
-    if hidden.shape[0] == 0:
-        return hidden.sum().float() * 0.0  # keeps the graph (and DDP's view of the parameters) intact
     if checkpoint_chunks:
         from torch.utils.checkpoint import checkpoint
 
         total = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, hidden.shape[0], chunk_size):
+        # at least one call of the head, even with nothing trained here (an empty row completing a step): ZeRO-3
+        # gathers its weights inside that call on every process at once, and a process that skipped it would hang
+        for start in range(0, max(hidden.shape[0], 1), chunk_size):
             part = checkpoint(
                 _chunk_loss,
                 head,
@@ -137,6 +137,7 @@ def chunked_cross_entropy(
             )
             total = total + part
         return total
+    # with no row (nothing trained in this micro-batch) too: the head's weights still get (zero) gradients
     return _HeadCrossEntropy.apply(hidden, targets, head, chunk_size, *params)
 
 

@@ -14,6 +14,12 @@
 
 One row counts as one `per_device_train_batch_size` item: a step then holds several examples per row, which the
 Trainer logs as `examples_per_step` so packed and padded runs compare.
+
+Empty rows fill an epoch up to a whole number of optimizer steps (`rows_multiple`: batch x accumulation x
+processes). Without them the last step of an epoch is short, and with several processes accelerate fills it by
+repeating the epoch's first rows: those rows would be trained twice, and a run on 2 processes would train
+differently from one on a single process. An empty row has no trained token, so it changes neither the loss nor
+the gradients, and every split of a step batches the same rows.
 """
 
 from __future__ import annotations
@@ -58,7 +64,9 @@ def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]
 class PackedDataset(torch.utils.data.Dataset):
     """Rows of packed examples over a dataset of {input_ids, labels}; built lazily, one row per item."""
 
-    def __init__(self, examples, max_seq_length: int, lengths: Sequence[int] | None = None) -> None:
+    def __init__(
+        self, examples, max_seq_length: int, lengths: Sequence[int] | None = None, rows_multiple: int = 1
+    ) -> None:
         self.examples = (
             examples.select_columns(["input_ids", "labels"])
             if hasattr(examples, "select_columns")
@@ -69,6 +77,7 @@ class PackedDataset(torch.utils.data.Dataset):
         self.lengths = list(lengths)
         self.max_seq_length = max_seq_length
         self.rows = best_fit_decreasing(self.lengths, max_seq_length)
+        self.rows += [[] for _ in range(-len(self.rows) % max(1, rows_multiple))]  # empty rows: see the top
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -89,12 +98,14 @@ class PackedDataset(torch.utils.data.Dataset):
     def summary(self) -> str:
         """One line: examples, rows, fill, examples per row."""
         tokens = sum(self.lengths)
-        rows = len(self.rows)
+        rows = sum(1 for row in self.rows if row)
         fill = tokens / (rows * self.max_seq_length) if rows else 0.0
         per_row = len(self.lengths) / rows if rows else 0.0
+        empty = len(self.rows) - rows
+        filled = f"; {empty} empty row(s) complete the last step of an epoch" if empty else ""
         return (
             f"packing: {len(self.lengths)} examples into {rows} rows of <= {self.max_seq_length} tokens "
-            f"({per_row:.2f} examples per row, rows {100 * fill:.1f}% full)"
+            f"({per_row:.2f} examples per row, rows {100 * fill:.1f}% full){filled}"
         )
 
 

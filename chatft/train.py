@@ -25,9 +25,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import datasets
 import torch
 import yaml
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments, Trainer, TrainerCallback, set_seed
+from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import get_last_checkpoint
 
 from chatft.args import RUN_ARGS_FILE, DataArguments, ModelArguments
@@ -274,17 +276,24 @@ def available_memory() -> int | None:
 def training_datasets(
     train: PreparedData, evaluation: PreparedData | None, packing: bool, data_args, training_args, log
 ):
-    """The datasets the Trainer gets: packed rows, or examples (with a length column to group them by)."""
+    """The datasets the Trainer gets: packed rows, or examples (with a length column to group them by), each
+    filled up to a whole number of optimizer steps with empty items (chatft.packing says why)."""
+    per_step = (
+        training_args.per_device_train_batch_size
+        * training_args.gradient_accumulation_steps
+        * max(1, training_args.world_size)
+    )
     if packing:
-        packed_train = PackedDataset(train.dataset, data_args.max_seq_length, train.stats.lengths)
+        packed_train = PackedDataset(
+            train.dataset, data_args.max_seq_length, train.stats.lengths, rows_multiple=per_step
+        )
         log(packed_train.summary())
-        per_step = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
-        # a data set smaller than a step is all of it
-        per_step = min(per_step * max(1, training_args.world_size), len(packed_train))
-        rows_per_example = len(packed_train) / max(1, len(packed_train.lengths))
+        rows = sum(1 for row in packed_train.rows if row)
+        examples = (
+            min(per_step, rows) * len(packed_train.lengths) / rows
+        )  # a data set smaller than a step is all
         log(
-            f"packing: a step is {per_step} rows, about {per_step / max(rows_per_example, 1e-9):.1f} examples "
-            "(logged as examples_per_step)"
+            f"packing: a step is {per_step} rows, about {examples:.1f} examples (logged as examples_per_step)"
         )
         packed_eval = (
             PackedDataset(evaluation.dataset, data_args.max_seq_length, evaluation.stats.lengths)
@@ -294,10 +303,17 @@ def training_datasets(
         return packed_train, packed_eval
     columns = ["input_ids", "labels"]
     train_set = train.dataset.select_columns(columns)
+    lengths = list(train.stats.lengths)
+    fillers = -len(train_set) % per_step
+    if fillers:
+        empty = datasets.Dataset.from_dict({"input_ids": [[]] * fillers, "labels": [[]] * fillers})
+        train_set = datasets.concatenate_datasets([train_set, empty.cast(train_set.features)])
+        lengths += [0] * fillers
+        log(f"batches: {fillers} empty item(s) complete the last step of an epoch")
     if training_args.group_by_length and training_args.train_sampling_strategy == "random":
         training_args.train_sampling_strategy = "group_by_length"
     if training_args.train_sampling_strategy in ("group_by_length", "batch_rebalance"):
-        train_set = train_set.add_column(training_args.length_column_name, train.stats.lengths)
+        train_set = train_set.add_column(training_args.length_column_name, lengths)
     log(
         f"batches: padded to the longest example of each batch, sampling {training_args.train_sampling_strategy}"
     )
@@ -350,6 +366,15 @@ class ChatTrainer(Trainer):
         self._window = torch.zeros(4, dtype=torch.long)
         self._total = torch.zeros(4, dtype=torch.long)
         self._window_start = None
+
+    def _get_train_sampler(self, train_dataset=None):
+        """Length grouping over whole optimizer steps of every process (the Trainer groups per process), so that
+        any split of a step (batch x accumulation x processes) batches the same examples together."""
+        sampler = super()._get_train_sampler(train_dataset)
+        if isinstance(sampler, LengthGroupedSampler):
+            args = self.args
+            sampler.batch_size = args.train_batch_size * args.gradient_accumulation_steps * args.world_size
+        return sampler
 
     def evaluate(self, *args, **kwargs) -> dict[str, float]:
         """The eval loss, and with --predict_with_generate the ROUGE/BLEU of greedy answers on the eval set."""
@@ -537,7 +562,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run_args = {
         "model": dataclasses.asdict(model_args),
-        "data": dataclasses.asdict(data_args) | {"formats": train.formats},
+        # closing_tokens: the ends of turn the data trained, where inference stops too
+        "data": dataclasses.asdict(data_args)
+        | {"formats": train.formats, "closing_tokens": train.stats.closing_tokens},
         "training": training_args.to_dict(),
     }
     train_set, eval_set = training_datasets(train, evaluation, packing, data_args, training_args, log)

@@ -127,7 +127,7 @@ def test_prompt_mode_prints_the_answer(runs, capsys):
     assert infer.main(["--adapter", str(runs["lora"]), "--prompt", "hi", "--max_new_tokens", "6"]) == 0
     out, err = capsys.readouterr()
     assert out.startswith(HELLO) and out.endswith("\n") and out.count("\n") == 1
-    assert "loaded LoRA adapter" in err and "stops at <|im_end|>, <|user|>, <|observation|>" in err
+    assert "loaded LoRA adapter" in err and "stops at <|im_end|>;" in err  # ChatML's one end of turn
 
 
 def test_default_model_is_announced():
@@ -176,14 +176,37 @@ def test_raw_prompts_for_a_checkpoint_trained_on_input_output_data(runs, tmp_pat
 
 
 def test_merged_lora_answers_as_the_adapter(runs, tmp_path):
+    # a base whose generation config lists several ends (as Llama-3, Gemma, Phi-3 do): the merge keeps them
+    base = tmp_path / "base"
+    shutil.copytree(runs["base"], base)
+    config = json.loads((base / "generation_config.json").read_text())
+    (base / "generation_config.json").write_text(json.dumps(config | {"eos_token_id": [4, 10]}))
     out = tmp_path / "merged"
-    assert infer.merge_main([str(runs["base"]), str(runs["lora"]), str(out)]) == 0
+    assert infer.merge_main([str(base), str(runs["lora"]), str(out)]) == 0
     for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "chat_template.jinja",
                  "run_args.json"):  # fmt: skip
         assert (out / name).is_file(), name
     assert not (out / "adapter_config.json").exists()
-    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [4, 8, 10]
-    assert greedy_ids("--model", str(out)) == greedy_ids("--adapter", str(runs["lora"]))
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [4, 10]
+    assert greedy_ids("--model", str(out)) == greedy_ids("--adapter", str(runs["lora"]), "--model", str(base))
+
+
+def test_stop_tokens_are_the_models_own_the_tokenizers_and_the_templates_ends_of_turn():
+    from transformers import GenerationConfig
+
+    from chatft.data.templates import NATIVE_TEMPLATES, get_template
+
+    tok = make_tokenizer()  # eos <|im_end|> (4)
+    chatml = get_template(None, tok)
+    assert infer.stop_token_ids(tok, chatml) == [4]
+    # the model's own list first (Llama-3 lists <|end_of_text|>, <|eom_id|>, <|eot_id|>), none dropped
+    assert infer.stop_token_ids(tok, chatml, GenerationConfig(eos_token_id=[2, 7, 4])) == [2, 7, 4]
+    assert infer.stop_token_ids(tok, chatml, GenerationConfig(eos_token_id=9)) == [9, 4]
+    glm = make_tokenizer(None)  # eos </s> (2); ChatGLM3 turns end at the next role token
+    assert infer.stop_token_ids(glm, NATIVE_TEMPLATES["chatglm3"]) == [2, 8, 10]
+    assert infer.stop_token_ids(glm, None) == [2]  # raw prompts: EOS
+    trained = {"data": {"closing_tokens": {"<|assistant|>": 3, "nope": 1}}}  # what a run's data trained
+    assert infer.stop_token_ids(glm, None, None, trained) == [2, 9]
 
 
 def test_merge_of_a_ptuning_checkpoint_is_refused(runs, tmp_path, capsys):

@@ -207,9 +207,12 @@ def test_input_output_raw_with_prefix_tokens_and_eos():
     with pytest.raises(TemplateError, match="no chat template"):
         encode(Conversation(conv.messages), tok, None)
     short = enc(conv, tok, max_source_length=2, max_target_length=2)
-    assert short.input_ids == [1, 20, 21, 2]
-    assert short.labels == [X, X, 21, 2]
-    assert short.cut
+    # a response cut by max_target_length gets no EOS: it did not end there
+    assert short.input_ids == [1, 20, 21, 13]
+    assert short.labels == [X, X, 21, 13]
+    assert short.cut and short.closers == []
+    fits = enc(conv, tok, max_target_length=4)  # "hello !" + EOS fits exactly
+    assert fits.input_ids[-4:] == [21, 13, 34, 2] and not fits.cut and fits.closers == [2]
 
 
 def test_truncation_drops_later_turns_before_cutting_a_turn():
@@ -222,3 +225,72 @@ def test_truncation_drops_later_turns_before_cutting_a_turn():
     assert cut and kept.input_ids == e.input_ids[:9] and kept.labels == e.labels[:9] == [X] * 9
     kept, cut = truncate(e, 100)
     assert not cut and kept is e
+
+
+# --- the end-of-turn rule: exactly one closing token per trained turn ---
+
+
+def test_chatglm3_content_ending_in_white_space_still_trains_its_closer():
+    # the answer's trailing white space is what the model must generate before <|user|> / EOS closes the turn
+    tok = make_tokenizer(None)
+    e = enc(
+        chat(("user", "hi"), ("assistant", "ok\n\n"), ("user", "bye"), ("assistant", "ok ")), tok, "chatglm3"
+    )
+    # [gMASK] sop <|user|> \n hi <|assistant|> \n ok \n\n <|user|> \n bye <|assistant|> \n ok " " </s>
+    assert e.input_ids == [5, 6, 8, 11, 20, 9, 11, 29, 12, 8, 11, 28, 9, 11, 29, 13, 2]
+    assert e.labels == [X, X, X, X, X, X, 11, 29, 12, 8, X, X, X, 11, 29, 13, 2]
+    assert e.closers == [8, 2]
+
+
+def test_trailer_written_only_at_the_end_of_a_conversation_is_not_trained():
+    # Phi-3's template appends its EOS after the last message when there is no generation prompt
+    template = (
+        "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% else %}</s>{% endif %}"
+    )
+    tok = make_tokenizer(template)
+    e = enc(chat(("user", "hi"), ("assistant", "hello"), ("user", "bye"), ("assistant", "ok")), tok)
+    # <|user|> \n hi <|im_end|> \n <|assistant|> \n hello <|im_end|> \n ... <|assistant|> \n ok <|im_end|> \n </s>
+    assert e.input_ids[-5:] == [11, 29, 4, 11, 2]
+    trained = [t for t, label in zip(e.input_ids, e.labels, strict=True) if label != X]
+    assert trained == ids("hello") + [4] + ids("ok") + [4]
+    assert e.closers == [4, 4]
+
+
+def test_turn_followed_by_ordinary_text_is_refused():
+    # no special token closes the answer: "user" text follows it
+    template = (
+        "{% for message in messages %}{{ message['role'] }}:{{ message['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}"
+    )
+    conv = chat(("user", "hi"), ("assistant", "hello"), ("user", "bye"), ("assistant", "ok"))
+    with pytest.raises(TemplateError, match="assistant turn 1 has no closing token"):
+        enc(conv, make_tokenizer(template))
+
+
+def test_answer_holding_the_closer_inside_is_refused():
+    conv = chat(("user", "hi"), ("assistant", "hello<|im_end|>there"))
+    with pytest.raises(TemplateError, match="holds its end-of-turn token '<|im_end|>'"):
+        enc(conv)
+
+
+def test_template_that_rewrites_the_only_turn_once_followed_is_refused():
+    # one assistant turn, whose content this template drops as soon as any message follows it: only the
+    # continued conversation shows it; the dropped text must not pass for an end-of-conversation trailer
+    template = (
+        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+        "{% if message['role'] != 'assistant' or loop.last %}{{ message['content'] }}{% endif %}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    with pytest.raises(TemplateError, match="renders turn 2 differently"):
+        enc(chat(("user", "hi"), ("assistant", "hello")), make_tokenizer(template))
+
+
+def test_closing_token_ids_per_template():
+    from chatft.data.templates import closing_token_ids
+
+    tok = make_tokenizer()
+    assert closing_token_ids(tok, get_template(None, tok)) == ids("<|im_end|>")
+    glm = make_tokenizer(None)
+    assert closing_token_ids(glm, NATIVE_TEMPLATES["chatglm3"]) == ids("</s>", "<|user|>", "<|observation|>")
+    assert closing_token_ids(glm, None) == ids("</s>")

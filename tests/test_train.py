@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from toy import CHATS, make_tokenizer, openai_jsonl, save_tiny_model
+from toy import CHATS, make_tokenizer, many_chats, openai_jsonl, save_tiny_model
 from transformers import AutoModelForCausalLM
 
 from chatft.train import main
@@ -102,33 +102,47 @@ def test_method_end_to_end(tiny_model, data_file, tmp_path, method, extra):
     assert torch.isfinite(model(input_ids=ids).logits).all()
 
 
-def test_gradient_accumulation_equals_bigger_batch(tiny_model, tmp_path):
-    """One SGD step (lr 1, no clipping): the weights after it are w - g, so equal weights mean equal gradients."""
-    data = tmp_path / "four.jsonl"
-    data.write_text(openai_jsonl(CHATS[:4]))
-    common = ["--method", "full", "--max_steps", "1", "--optim", "sgd", "--learning_rate", "1.0",
-              "--max_grad_norm", "0", "--lr_scheduler_type", "constant", "--save_strategy", "no"]  # fmt: skip
-    a, b = tmp_path / "a", tmp_path / "b"
-    assert run(tiny_model, str(data), a, *common, "--per_device_train_batch_size", "4") == 0
-    assert (
-        run(
-            tiny_model,
-            str(data),
-            b,
+@pytest.fixture(scope="module")
+def many_file(tmp_path_factory) -> str:
+    """24 chats of 16-80 tokens: with --max_seq_length 96, 10 packed rows (3 steps of 4 rows an epoch, the last
+    one short) or 6 padded batches of 4, so 5 steps cross an epoch boundary either way."""
+    f = tmp_path_factory.mktemp("many") / "many.jsonl"
+    f.write_text(openai_jsonl(many_chats(24)))
+    return str(f)
+
+
+SPLITS = [("4", "1"), ("2", "2"), ("1", "4")]  # per-device batch x accumulation: one step of 4
+
+
+@pytest.mark.parametrize("packing", ["True", "False"])
+def test_any_split_of_a_step_logs_the_same_losses_and_trains_the_same_weights(
+    tiny_model, many_file, tmp_path, capsys, packing
+):
+    common = ["--method", "full", "--max_steps", "5", "--max_seq_length", "96", "--packing", packing,
+              "--learning_rate", "1e-3", "--save_strategy", "no"]  # fmt: skip
+    results = []
+    for batch, accumulation in SPLITS:
+        out = tmp_path / f"b{batch}x{accumulation}"
+        argv = [
             *common,
             "--per_device_train_batch_size",
-            "2",
+            batch,
             "--gradient_accumulation_steps",
-            "2",
-        )
-        == 0
-    )
-    assert logged_losses(a)[1] == pytest.approx(logged_losses(b)[1], abs=1e-5)
-    wa, wb = tensors(a / "model.safetensors"), tensors(b / "model.safetensors")
+            accumulation,
+        ]
+        assert run(tiny_model, many_file, out, *argv) == 0
+        results.append((logged_losses(out), tensors(out / "model.safetensors")))
+    log = capsys.readouterr().out
+    if packing == "True":
+        assert "packing: 24 examples into 10 rows" in log  # several rows; 5 steps of 4 cross an epoch
+    (losses, weights), others = results[0], results[1:]
+    assert sorted(losses) == [1, 2, 3, 4, 5] and len(set(losses.values())) == 5
     base = tensors(Path(tiny_model) / "model.safetensors")
-    assert any(not torch.equal(wa[k], base[k]) for k in wa)
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+    assert all(not torch.equal(weights[k], base[k]) for k in base if "norm" not in k)
+    for other_losses, other_weights in others:
+        assert other_losses == pytest.approx(losses, abs=1e-5)
+        for k in weights:
+            torch.testing.assert_close(other_weights[k], weights[k], atol=1e-5, rtol=1e-4)
 
 
 def test_resume_after_a_kill_reaches_the_same_losses(tiny_model, data_file, tmp_path, capsys):
@@ -181,21 +195,49 @@ def test_invalid_data_stops_before_the_model_is_loaded(tmp_path, capsys):
     assert "trainable params" not in captured.out
 
 
-def test_zero3_full_fine_tune_on_two_cpu_processes(tiny_model, data_file, tmp_path):
-    out = tmp_path / "z3"
+@pytest.mark.parametrize(
+    "deepspeed,packing",
+    [(None, "True"), (None, "False"), ("ds_zero2.json", "True"), ("ds_zero3.json", "True")],
+    ids=["ddp-packed", "ddp-padded", "zero2", "zero3"],
+)
+def test_two_processes_of_batch_2_train_as_one_process_of_batch_4(
+    tiny_model, many_file, tmp_path, deepspeed, packing
+):
+    """The loss is normalised over the trained tokens of the whole step on every process: the same logged losses
+    and the same weights (ZeRO-3's gathered at save) as one process with the whole step."""
+    common = ["--method", "full", "--max_steps", "4", "--max_seq_length", "96", "--packing", packing,
+              "--learning_rate", "1e-3", "--save_strategy", "no"]  # fmt: skip
+    one = tmp_path / "one"
+    assert run(tiny_model, many_file, one, *common, "--per_device_train_batch_size", "4") == 0
+    two = tmp_path / "two"
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-        str(ROOT / "finetune.py"), "--model_name_or_path", tiny_model, "--train_file", data_file, "--method", "full",
-        "--deepspeed", str(ROOT / "configs" / "ds_zero3.json"), "--max_steps", "2", "--per_device_train_batch_size",
-        "2", "--output_dir", str(out), "--save_strategy", "no", "--report_to", "none", "--learning_rate", "1e-2",
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        str(ROOT / "finetune.py"), "--model_name_or_path", tiny_model, "--train_file", many_file,
+        "--output_dir", str(two), "--per_device_train_batch_size", "2", "--logging_steps", "1", "--report_to", "none",
+        "--seed", "42", "--dataloader_num_workers", "0", *common,
     ]  # fmt: skip
+    if deepspeed:
+        cmd += ["--deepspeed", str(ROOT / "configs" / deepspeed)]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    model = AutoModelForCausalLM.from_pretrained(out)  # gathered ZeRO-3 weights, a plain folder
+    losses = logged_losses(one)
+    assert sorted(losses) == [1, 2, 3, 4] and len(set(losses.values())) == 4
+    assert logged_losses(two) == pytest.approx(losses, abs=1e-5)
+    mine = tensors(one / "model.safetensors")
+    theirs = AutoModelForCausalLM.from_pretrained(two).state_dict()  # a plain folder, also from ZeRO-3
     base = tensors(Path(tiny_model) / "model.safetensors")
-    trained = model.state_dict()
-    assert any(not torch.equal(trained[k], base[k]) for k in base)
-    assert (out / "tokenizer.json").exists()
+    assert any(not torch.equal(mine[k], base[k]) for k in base)
+    for k in mine:
+        torch.testing.assert_close(theirs[k], mine[k], atol=1e-5, rtol=1e-4)
+    assert (two / "tokenizer.json").exists()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_eval_loss_and_generation_metrics_at_each_evaluation(tiny_model, data_file, tmp_path):

@@ -97,3 +97,27 @@ def save_tiny_model(folder, hidden: int = 64, layers: int = 2, seed: int = 0, **
     tiny_llama(len(tok), hidden, layers, seed, **ids, **config).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+TEXT_WORDS = ["hi", "hello", "there", "how", "are", "you", "fine", "thanks", "bye", "ok", "weather", "Paris",
+              "sunny", "question", "answer", "city", "call", "response", "python", "get"]  # fmt: skip
+
+
+def many_chats(n: int, seed: int = 0) -> list:
+    """n chats of random words, 1-2 turns, answers of 1-12 words: lengths that vary, so packed rows and padded
+    batches differ from each other and a set of them spans many rows, steps and an epoch boundary."""
+    import random
+
+    rng = random.Random(seed)
+
+    def text(lo: int, hi: int) -> str:
+        words = rng.choices(TEXT_WORDS, k=rng.randint(lo, hi))
+        return " ".join(words) + rng.choice([".", "?", "!"])
+
+    chats = []
+    for _ in range(n):
+        turns = []
+        for _ in range(rng.choice([1, 1, 2])):
+            turns += [("user", text(1, 5)), ("assistant", text(1, 12))]
+        chats.append(turns)
+    return chats

@@ -17,6 +17,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,9 +25,21 @@ from pathlib import Path
 import datasets
 from transformers import PreTrainedTokenizerBase
 
+from chatft.args import check_lengths
 from chatft.data.formats import LoadedData, expand_paths, load_conversations
 from chatft.data.schema import Conversation, Message, Problem, ToolCall
-from chatft.data.templates import IGNORE_INDEX, Template, TemplateError, encode, get_template, truncate
+from chatft.data.templates import (
+    IGNORE_INDEX,
+    Encoded,
+    Template,
+    TemplateError,
+    encode,
+    get_template,
+    template_supports_tools,
+    truncate,
+)
+
+NOTES_SHOWN = 20  # skipped and truncated records named in the report (all are counted)
 
 
 @dataclass
@@ -42,10 +55,13 @@ class DataStats:
     records_read: int = 0
     valid: int = 0
     invalid: int = 0
-    skipped: int = 0  # valid records left with no trained token after truncation
+    skipped: int = 0  # valid records left with no trained token (loss false everywhere, or after truncation)
     truncated: int = 0
     lengths: list[int] = field(default_factory=list)
     trained_tokens: int = 0
+    closing_tokens: dict[str, int] = field(default_factory=dict)  # token -> trained turns it closes
+    # "FILE:LINE: skipped|truncated: why" of the first NOTES_SHOWN such records
+    notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
     cache: str = ""  # the cache folder this came from ("" when tokenized in this run)
 
@@ -63,6 +79,14 @@ class DataStats:
                 f"tokens per example: min {s[0]}, median {statistics.median(s):g}, p95 {p95}, max {s[-1]}; "
                 f"total {total}, trained {self.trained_tokens} ({100 * self.trained_tokens / total:.1f}%)"
             )
+        if self.closing_tokens:
+            closers = ", ".join(f"{tok!r} x{n}" for tok, n in self.closing_tokens.items())
+            out.append(f"end of turn trained: {closers}")
+        shown = len(self.notes)
+        if shown:
+            more = self.skipped + self.truncated - shown
+            out.append(f"skipped and truncated records{f' (the first {shown})' if more > 0 else ''}:")
+            out += [f"  {note}" for note in self.notes]
         source = f" (loaded from the cache {self.cache})" if self.cache else ""
         out.append(f"preprocessing took {self.seconds:.1f} s{source}")
         return out
@@ -98,7 +122,7 @@ def conversation_from_json(text: str) -> Conversation:
 def _encode_batch(
     batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, settings: EncodeSettings
 ) -> dict:
-    out: dict[str, list] = {"input_ids": [], "labels": [], "truncated": [], "error": []}
+    out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "closers", "truncated", "error", "note")}
     for text in batch["conversation"]:
         try:
             conv = conversation_from_json(text)
@@ -106,17 +130,59 @@ def _encode_batch(
                 conv, tokenizer, settings.template, settings.max_source_length, settings.max_target_length
             )
         except TemplateError as e:
-            out["input_ids"].append([])
-            out["labels"].append([])
-            out["truncated"].append(False)
+            for key, value in (("input_ids", []), ("labels", []), ("closers", []), ("truncated", False)):
+                out[key].append(value)
             out["error"].append(str(e))
+            out["note"].append("")
             continue
-        enc, cut = truncate(enc, settings.max_seq_length)
-        out["input_ids"].append(enc.input_ids)
-        out["labels"].append(enc.labels)
+        kept, cut = truncate(enc, settings.max_seq_length)
+        out["input_ids"].append(kept.input_ids)
+        out["labels"].append(kept.labels)
+        out["closers"].append(kept.closers)
         out["truncated"].append(cut)
         out["error"].append("")
+        out["note"].append(_note(enc, kept, cut, settings))
     return out
+
+
+def _note(enc: Encoded, kept: Encoded, cut: bool, settings: EncodeSettings) -> str:
+    """Why an example is skipped (no trained token) or what truncation did to it; "" when it is whole."""
+    if not any(label != IGNORE_INDEX for label in enc.labels):
+        return "skipped: no trained token (no assistant turn is trained: loss false, or no answer)"
+    if not any(label != IGNORE_INDEX for label in kept.labels):
+        return (
+            f"skipped: no trained token left after truncation to max_seq_length {settings.max_seq_length} "
+            f"(its first trained turn ends at token {enc.turn_ends[0]})"
+        )
+    if not cut:
+        return ""
+    if len(kept.input_ids) < len(enc.input_ids):
+        dropped = len(enc.turn_ends) - len(kept.turn_ends)
+        how = (
+            f"{dropped} later trained turn(s) dropped"
+            if kept.turn_ends
+            else "cut inside its first trained turn"
+        )
+        return f"truncated: {len(enc.input_ids)} -> {len(kept.input_ids)} tokens ({how})"
+    return "truncated: prompt or response cut to max_source_length / max_target_length"
+
+
+def uses_tools(loaded: LoadedData) -> bool:
+    return any(
+        c.tools is not None or any(m.tool_calls or m.role == "tool" for m in c.messages)
+        for _, _, c in loaded.records
+    )
+
+
+def check_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Labels need character offsets, which only fast (Rust) tokenizers give."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise TemplateError(
+            f"the tokenizer ({type(tokenizer).__name__}) is a slow one, which gives no character offsets: chatft "
+            "maps trained characters to tokens with them; give a model folder with a tokenizer.json (a fast "
+            "tokenizer; transformers converts most slow ones: AutoTokenizer.from_pretrained(..., use_fast=True) "
+            "then save_pretrained)"
+        )
 
 
 def tokenize_conversations(
@@ -147,25 +213,31 @@ def tokenize_conversations(
         desc="tokenizing",
     )
     problems = list(loaded.problems)
-    errors = [
-        (f, r, e) for f, r, e in zip(encoded["file"], encoded["record"], encoded["error"], strict=True) if e
-    ]
-    problems.extend(Problem(f, r, "(template)", e) for f, r, e in errors)
+    files, records, errors = encoded["file"], encoded["record"], encoded["error"]
+    problems.extend(
+        Problem(f, r, "(template)", e) for f, r, e in zip(files, records, errors, strict=True) if e
+    )
     has_trained = [any(label != IGNORE_INDEX for label in labels) for labels in encoded["labels"]]
-    keep = [i for i, (e, t) in enumerate(zip(encoded["error"], has_trained, strict=True)) if not e and t]
+    keep = [i for i, (e, t) in enumerate(zip(errors, has_trained, strict=True)) if not e and t]
+    n_errors = sum(1 for e in errors if e)
     stats = DataStats(
         records_read=loaded.records_read,
-        valid=len(loaded.records) - len(errors),
-        invalid=loaded.invalid + len(errors),
-        skipped=sum(1 for e, t in zip(encoded["error"], has_trained, strict=True) if not e and not t),
+        valid=len(loaded.records) - n_errors,
+        invalid=loaded.invalid + n_errors,
+        skipped=sum(1 for e, t in zip(errors, has_trained, strict=True) if not e and not t),
     )
-    dataset = encoded.select(keep).remove_columns(["error", "truncated"])
+    notes = encoded["note"]
+    stats.notes = [f"{files[i]}:{records[i]}: {n}" for i, n in enumerate(notes) if n][:NOTES_SHOWN]
+    dataset = encoded.select(keep).remove_columns(["error", "truncated", "closers", "note"])
     truncated = encoded["truncated"]
     stats.truncated = sum(1 for i in keep if truncated[i])
     stats.lengths = [len(x) for x in dataset["input_ids"]]
     stats.trained_tokens = sum(
         sum(1 for label in labels if label != IGNORE_INDEX) for labels in dataset["labels"]
     )
+    all_closers = encoded["closers"]
+    closers = Counter(c for i in keep for c in all_closers[i])
+    stats.closing_tokens = {tokenizer.convert_ids_to_tokens(c): n for c, n in closers.most_common()}
     stats.seconds = time.perf_counter() - start
     problems.sort(key=lambda p: (p.file, p.line))
     return PreparedData(dataset, stats, problems, loaded.formats)
@@ -190,6 +262,8 @@ def prepare_data(
     stats.seconds is the wall time of this call; stats.cache is the folder it was loaded from ("" if tokenized).
     """
     start = time.perf_counter()
+    check_lengths(max_seq_length, max_source_length, max_target_length)
+    check_tokenizer(tokenizer)
     folder = None
     if cache_dir is not None:
         key = cache_key(
@@ -208,9 +282,14 @@ def prepare_data(
         log(line)
 
     loaded = load_conversations(paths, fmt, log=log_and_keep)
-    settings = EncodeSettings(
-        get_template(template_name, tokenizer), max_seq_length, max_source_length, max_target_length
-    )
+    template = None if all(c.raw for _, _, c in loaded.records) else get_template(template_name, tokenizer)
+    if template is not None and uses_tools(loaded) and not template_supports_tools(template, tokenizer):
+        log_and_keep(
+            "tools: the chat template has no notion of tools; rendering tool definitions as system text, tool "
+            "calls as <tool_call> JSON in the assistant turn and results as <tool_response> user turns (README: "
+            "Templates and labels)"
+        )
+    settings = EncodeSettings(template, max_seq_length, max_source_length, max_target_length)
     prepared = tokenize_conversations(loaded, tokenizer, settings, num_proc)
     if folder is not None and len(prepared.dataset):  # nothing to train on is not worth keeping
         _save_cached(folder, prepared, lines)
@@ -223,7 +302,7 @@ def prepare_data(
 # ----------------------------------------------------------------------------------------------------------------
 # the on-disk cache
 
-CACHE_FORMAT = 1  # bump when what is stored changes shape
+CACHE_FORMAT = 2  # bump when what is stored changes shape
 _DATA_CODE = ("formats.py", "templates.py", "schema.py", "dataset.py")
 
 
@@ -250,7 +329,8 @@ def cache_key(
         "max_seq_length": max_seq_length,
         "max_source_length": max_source_length,
         "max_target_length": max_target_length,
-        "datasets": datasets.__version__,
+        # the libraries that render and tokenize: a new release can change either
+        "versions": {name: _version(name) for name in ("datasets", "transformers", "tokenizers", "jinja2")},
     }
     add("settings", json.dumps(settings, sort_keys=True).encode())
     here = Path(__file__).resolve().parent
@@ -262,6 +342,15 @@ def cache_key(
     for name, data in tokenizer_files(tokenizer):
         add(f"tokenizer/{name}", data)
     return h.hexdigest()[:32]
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return ""
 
 
 def tokenizer_files(tokenizer: PreTrainedTokenizerBase) -> list[tuple[str, bytes]]:

@@ -3,27 +3,28 @@
 How labels are found, for every template alike:
 - The whole conversation is rendered once and tokenized once; characters are mapped to tokens with the
   offsets (tokenizing pieces separately changes tokens at the seams).
-- A trained assistant turn i covers the characters between render(messages[:i], add_generation_prompt=True)
-  and render(messages[:i + 1]), trailing white space excluded: its completion and the end-of-turn token, never
-  the header the generation prompt holds. Both renderings must be prefixes of the whole one; a template that
-  renders earlier turns differently once later ones exist cannot be trained exactly and is refused.
+- A trained assistant turn i covers the characters its own rendering adds after render(messages[:i],
+  add_generation_prompt=True): what the model must generate, never the header the generation prompt holds.
+  A template that renders earlier turns differently once later ones exist cannot be trained exactly and is
+  refused (render_with_spans).
 - A token holding any trained character is trained.
-- A turn whose last trained token is not a special token (templates that close a turn with the next role's
-  header, like ChatGLM3) also trains the token that follows, or an appended EOS at the end of the conversation.
+- The end-of-turn rule (encode_chat): every trained turn trains exactly one closing token, its own (<|im_end|>),
+  the next role's token (ChatGLM3, GLM-4), or an appended EOS at the end; a turn with none is refused.
 """
 
 from __future__ import annotations
 
 import ast
 import bisect
+import contextlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from chatft.data.schema import Conversation, ToolCall
+from chatft.data.schema import Conversation, Message, ToolCall
 
 IGNORE_INDEX = -100
 
@@ -186,6 +187,7 @@ class Encoded:
     labels: list[int]
     turn_ends: list[int]  # token index just past each trained assistant turn (where a truncation may cut)
     cut: bool = False  # input-output: the prompt or response was cut to max_source/target_length
+    closers: list[int] = field(default_factory=list)  # the closing token trained at the end of each turn
 
 
 def _render(tokenizer, template: Template, msgs: list[dict], tools: Any, generation_prompt: bool) -> str:
@@ -224,26 +226,78 @@ def _special_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
 def render_with_spans(
     conv: Conversation, tokenizer: PreTrainedTokenizerBase, template: Template
 ) -> tuple[str, list[tuple[int, int]]]:
-    """The full rendering and the character span of each trained assistant turn (completion + end of turn)."""
+    """The full rendering and, per trained assistant turn, the characters that turn adds after its generation
+    prompt: [len(render(turns before it, generation prompt)), end of its own text).
+
+    A turn's own text ends where the conversation would go on: render(turns through it) minus a trailer, text a
+    template writes only at the very end of a conversation (Phi-3 appends its EOS there), found by continuing the
+    conversation with one more user turn. A trailer may hold only special tokens and white space, and the turn's
+    own text must stand unchanged in the whole rendering; otherwise the template renders the turn differently once
+    later turns follow, and it cannot be labelled exactly.
+    """
     r = template.to_dicts(conv, template_supports_tools(template, tokenizer))
     full = _render(tokenizer, template, r.messages, r.tools, False)
+    trained = [i for i, t in enumerate(r.trained) if t]
+    if not trained:
+        return full, []
+    if trained[0] == 0:
+        raise TemplateError("an assistant turn cannot be the first message")
+    continued = full
+    if r.messages[-1].get("role") == "assistant":
+        # a template that cannot go on after the last turn: no trailer is looked for
+        with contextlib.suppress(TemplateError):
+            more = [*r.messages, {"role": "user", "content": "?"}]
+            continued = _render(tokenizer, template, more, r.tools, False)
+    boundaries = _token_ends(tokenizer, continued)
+    specials = _special_ids(tokenizer)
     spans = []
-    for i, trained in enumerate(r.trained):
-        if not trained:
-            continue
-        if i == 0:
-            raise TemplateError("an assistant turn cannot be the first message")
+    for i in trained:
         head = _render(tokenizer, template, r.messages[:i], r.tools, True)
         upto = _render(tokenizer, template, r.messages[: i + 1], r.tools, False)
-        if not (upto.startswith(head) and full.startswith(upto)):
+        end = _own_end(upto, continued, boundaries)
+        if not (
+            upto.startswith(head)
+            and end >= len(head)
+            and full.startswith(upto[:end])
+            and _is_trailer(tokenizer, upto[end:], specials)
+        ):
             raise TemplateError(
-                f"the chat template renders turn {i + 1} differently once later turns follow, so its tokens "
-                f"cannot be labelled exactly; choose a native template with --template ({', '.join(NATIVE_TEMPLATES)})"
+                f"the chat template renders turn {i + 1} differently once later turns follow (or its generation "
+                "prompt is not how that turn starts), so its tokens cannot be labelled exactly; use a template "
+                "that renders each turn the same wherever it stands: a native one (--template "
+                f"{', '.join(NATIVE_TEMPLATES)}) or your own in the tokenizer's chat_template"
             )
-        end = len(upto.rstrip())
-        if end > len(head):
-            spans.append((len(head), end))
+        spans.append((len(head), end))
     return full, spans
+
+
+def _token_ends(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    return sorted({e for _, e in offsets})
+
+
+def _own_end(upto: str, continued: str, boundaries: list[int]) -> int:
+    """Where upto stops agreeing with the continued conversation, moved back to the end of a token there (so
+    that a trailer and the next turn's header starting with the same characters are told apart)."""
+    common = 0
+    for a, b in zip(upto, continued, strict=False):
+        if a != b:
+            break
+        common += 1
+    if common == len(upto) and common == len(continued):
+        return common
+    at = bisect.bisect_right(boundaries, common) - 1
+    return boundaries[at] if at >= 0 else 0
+
+
+def _is_trailer(tokenizer: PreTrainedTokenizerBase, text: str, specials: set[int]) -> bool:
+    if not text.strip():
+        return True
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return all(
+        t in specials or not text[s:e].strip()
+        for t, (s, e) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)
+    )
 
 
 def _token_range(starts: list[int], ends: list[int], span: tuple[int, int]) -> tuple[int, int]:
@@ -254,30 +308,59 @@ def _token_range(starts: list[int], ends: list[int], span: tuple[int, int]) -> t
 
 
 def encode_chat(conv: Conversation, tokenizer: PreTrainedTokenizerBase, template: Template) -> Encoded:
+    """Labels by the end-of-turn rule: every trained assistant turn trains its text after the generation prompt
+    and exactly one closing token, which is
+    - the last special token of the turn's own text (ChatML's <|im_end|>, Llama-3's <|eot_id|>, Gemma's
+      <end_of_turn>, Mistral's </s>, Phi-3's <|end|>); what follows it (a newline) is not trained;
+    - else the special token that follows the turn, after white space only (GLM and ChatGLM3: the next role's
+      token, <|user|> or <|observation|>), the white space trained with it;
+    - else, at the very end of the conversation, an appended EOS.
+    Anything else (the turn's text followed by ordinary text, or holding the closer before its end) is refused
+    with the reason: the model would not learn where its turn ends."""
     text, spans = render_with_spans(conv, tokenizer, template)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = list(enc["input_ids"])
     starts = [s for s, _ in enc["offset_mapping"]]
-    ends = [
-        max(e, s + 1) for s, e in enc["offset_mapping"]
-    ]  # a zero-width token counts for the character at s
+    # a zero-width token counts for the character at s
+    ends = [max(e, s + 1) for s, e in enc["offset_mapping"]]
     labels = [IGNORE_INDEX] * len(ids)
     specials = _special_ids(tokenizer)
-    turn_ends = []
-    for span in spans:
+    eos = tokenizer.eos_token_id
+    turn_ends, closers = [], []
+    for n, span in enumerate(spans, start=1):
         first, stop = _token_range(starts, ends, span)
-        if stop == first:
-            continue
-        if ids[stop - 1] not in specials:  # the turn has no end token of its own
+        own = [k for k in range(first, stop) if ids[k] in specials]
+        if own:
+            stop = own[-1] + 1
+        else:
+            while (
+                stop < len(ids) and ids[stop] not in specials and not text[starts[stop] : ends[stop]].strip()
+            ):
+                stop += 1  # white space between the turn and what closes it
             if stop < len(ids) and ids[stop] in specials:
-                stop += 1  # the next role's header token closes it (ChatGLM3)
+                stop += 1
             elif stop == len(ids):
                 ids.append(_eos_id(tokenizer))
                 labels.append(IGNORE_INDEX)
                 stop += 1
+            else:
+                raise TemplateError(
+                    f"assistant turn {n} has no closing token: the template ends it with neither a special token "
+                    f"of its own nor a special token after it (it is followed by {text[starts[stop] : ends[stop]]!r}), "
+                    "so the model could not learn where its turn ends; use a template that closes turns with a "
+                    "special token"
+                )
+        closer = ids[stop - 1]
+        early = [k for k in range(first, stop - 1) if ids[k] in (closer, eos)]
+        if early:
+            raise TemplateError(
+                f"assistant turn {n} holds its end-of-turn token {tokenizer.convert_ids_to_tokens(ids[early[0]])!r} "
+                "inside its text: the model would learn to end the turn there; remove it from the data"
+            )
         labels[first:stop] = ids[first:stop]
         turn_ends.append(stop)
-    return Encoded(ids, labels, turn_ends)
+        closers.append(closer)
+    return Encoded(ids, labels, turn_ends, closers=closers)
 
 
 def encode_raw(
@@ -288,18 +371,19 @@ def encode_raw(
 ) -> Encoded:
     """input-output data: the prompt (with the tokenizer's own prefix tokens, e.g. BOS) untrained, then the
     response and EOS trained. Prompt and response are tokenized apart, as at inference the prompt is encoded
-    alone and the model continues it."""
+    alone and the model continues it. A response cut by max_target_length gets no EOS: it did not end there, and
+    an EOS would teach the model to stop mid-answer."""
     prompt, response = conv.messages[0].content, conv.messages[1].content
     a = with_prefix_tokens(tokenizer, prompt)
-    b = tokenizer(response, add_special_tokens=False)["input_ids"]
+    b = tokenizer(response, add_special_tokens=False)["input_ids"] + [_eos_id(tokenizer)]
     n_a, n_b = len(a), len(b)
     if max_source_length is not None:
         a = a[:max_source_length]
     if max_target_length is not None:
-        b = b[: max(0, max_target_length - 1)]
-    b = [*b, _eos_id(tokenizer)]
-    cut = len(a) < n_a or len(b) <= n_b
-    return Encoded(a + b, [IGNORE_INDEX] * len(a) + b, [len(a) + len(b)], cut)
+        b = b[:max_target_length]
+    cut = len(a) < n_a or len(b) < n_b
+    closers = [] if len(b) < n_b else [b[-1]]
+    return Encoded(a + b, [IGNORE_INDEX] * len(a) + b, [len(a) + len(b)], cut, closers)
 
 
 def with_prefix_tokens(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
@@ -336,12 +420,50 @@ def encode(
     return encode_chat(conv, tokenizer, template)
 
 
+_PROBES = (
+    Conversation([Message("user", "hi"), Message("assistant", "hello")]),
+    Conversation(
+        [
+            Message("user", "hi"),
+            Message("assistant", "hello"),
+            Message("user", "bye"),
+            Message("assistant", "ok"),
+        ]
+    ),
+    Conversation(
+        [
+            Message("user", "hi"),
+            Message("assistant", "", tool_calls=[ToolCall("f", {"x": 1})]),
+            Message("tool", "1", name="f"),
+            Message("assistant", "ok"),
+        ],
+        tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+    ),
+)
+
+
+def closing_token_ids(tokenizer: PreTrainedTokenizerBase, template: Template | None) -> list[int]:
+    """The closing tokens training trains for this template (found by encoding a few probe conversations: plain,
+    multi-turn, with a tool call), EOS for raw prompts (template None). Generation must stop at each."""
+    if template is None:
+        return [_eos_id(tokenizer)]
+    found: list[int] = []
+    for conv in _PROBES:
+        try:
+            found += encode_chat(conv, tokenizer, template).closers
+        except TemplateError:  # e.g. a template that refuses tool turns: the other probes still tell
+            continue
+    return list(dict.fromkeys(found))
+
+
 def truncate(enc: Encoded, max_length: int) -> tuple[Encoded, bool]:
     """Cut to max_length tokens: drop whole later turns first (cut just after the last trained turn that fits);
     cut inside a turn only when not even the first one fits. Returns (example, whether anything was cut, here or
     by max_source/target_length)."""
     if len(enc.input_ids) <= max_length:
         return enc, enc.cut
-    fitting = [e for e in enc.turn_ends if e <= max_length]
-    cut = max(fitting) if fitting else max_length
-    return Encoded(enc.input_ids[:cut], enc.labels[:cut], [e for e in enc.turn_ends if e <= cut], True), True
+    kept = [k for k, e in enumerate(enc.turn_ends) if e <= max_length]
+    cut = enc.turn_ends[kept[-1]] if kept else max_length
+    turn_ends = [enc.turn_ends[k] for k in kept]
+    closers = [enc.closers[k] for k in kept]
+    return Encoded(enc.input_ids[:cut], enc.labels[:cut], turn_ends, True, closers), True

@@ -136,7 +136,7 @@ def load_source(path: str, base: str | None = None, say: Callable[[str], Any] = 
         tokenizer,
         template,
         raw,
-        stop_token_ids(tokenizer),
+        stop_token_ids(tokenizer, template, model.generation_config, ckpt.run_args),  # as inference stops
         ckpt.run_args,
     )
 

@@ -77,6 +77,7 @@ def compare(source_path: str, out: Path, max_new_tokens: int) -> dict:
     from llama_cpp import Llama
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+    from chatft.export import first_difference
     from chatft.export import source as src
     from chatft.export.gguf import read_metadata
     from chatft.export.verify import load_back
@@ -108,10 +109,7 @@ def compare(source_path: str, out: Path, max_new_tokens: int) -> dict:
                 break
             theirs.append(token)
         t_theirs = time.perf_counter() - t0
-        prefix = next(
-            (i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b),
-            min(len(ours), len(theirs)),
-        )
+        prefix = first_difference(ours, theirs)
         rows.append({
             "template_same": llama_text == text, "ids_same": llama_ids == ids, "tokens": (len(ids), len(llama_ids)),
             "answer_same": ours == theirs, "prefix": prefix, "length": max(len(ours), len(theirs)),

@@ -99,11 +99,8 @@ def save_model(folder: Path, kind: str, chat_template: str | None = SMOLLM2_CHAT
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def single_thread(one_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chatft.data.schema import Conversation, Message
+from chatft.export import first_difference
 from chatft.export.gotemplate import GoTemplateError, render
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -163,10 +164,7 @@ def check_template(
         except GoTemplateError as e:
             raise ModelfileError(f"the translated template does not render: {e}") from e
         if got != expected:
-            at = next(
-                (i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b),
-                min(len(got), len(expected)),
-            )
+            at = first_difference(got, expected)
             raise ModelfileError(
                 f"the translated template renders {got[at : at + 40]!r} where the chat template renders "
                 f"{expected[at : at + 40]!r} (character {at} of a {len(conv.messages)}-message conversation)"

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from chatft.data.schema import Conversation, Message
+from chatft.export import first_difference
 from chatft.export import source as src
 from chatft.export.gguf import PRE_TOKENIZER_PROBE, Written, read_metadata, round_trip
 
@@ -175,10 +176,7 @@ def check_tokenizer(source: src.Source, tokenizer: Any, conversations: list[Conv
             ids_a = source.tokenizer(a, add_special_tokens=False)["input_ids"]
             ids_b = tokenizer(b, add_special_tokens=False)["input_ids"]
             if ids_a != ids_b:
-                at = next(
-                    (i for i, (x, y) in enumerate(zip(ids_a, ids_b, strict=False)) if x != y),
-                    min(len(ids_a), len(ids_b)),
-                )
+                at = first_difference(ids_a, ids_b)
                 raise VerifyError(
                     f"the tokenizer read back gives other ids for a rendered conversation from token {at} on "
                     f"({ids_b[at : at + 6]} vs the source's {ids_a[at : at + 6]})"
@@ -205,8 +203,7 @@ def prompts(conversations: list[Conversation], raw: bool, count: int) -> list[Co
 def agreement(a: list[list[int]], b: list[list[int]]) -> tuple[int, float]:
     """(answers identical, share of answer tokens before the first difference)."""
     same = sum(x == y for x, y in zip(a, b, strict=True))
-    prefix = sum(next((i for i, (p, q) in enumerate(zip(x, y, strict=False)) if p != q), min(len(x), len(y)))
-                 for x, y in zip(a, b, strict=True))  # fmt: skip
+    prefix = sum(first_difference(x, y) for x, y in zip(a, b, strict=True))
     total = sum(max(len(x), len(y)) for x, y in zip(a, b, strict=True))
     return same, prefix / total if total else 1.0
 

@@ -157,6 +157,7 @@ def main() -> int:
     p.add_argument("--out_dir", default=str(ROOT / "output" / "gguf_bench"))
     p.add_argument("--max_new_tokens", type=int, default=48)
     p.add_argument("--reuse", action="store_true", help="use files already exported to --out_dir")
+    p.add_argument("--no_base", dest="base", action="store_false", help="only the adapter")
     args = p.parse_args()
     ensure_llama_cpp()
     import torch
@@ -164,7 +165,9 @@ def main() -> int:
     torch.manual_seed(0)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    sources = [("base", args.model)] + ([("tuned", args.adapter)] if args.adapter else [])
+    sources = ([("base", args.model)] if args.base else []) + (
+        [("tuned", args.adapter)] if args.adapter else []
+    )
     for label, path in sources:
         for file_type in args.types:
             out = out_dir / f"{label}-{file_type}.gguf"

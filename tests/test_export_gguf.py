@@ -5,7 +5,10 @@ transformers, read with the gguf package, its Modelfile template rendered), not 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -351,3 +354,56 @@ def test_real_model_export_carries_the_original_gguf_tokenizer(tmp_path):
     keys = {k for k in set(original) | set(exported) if k.startswith("tokenizer.")}
     assert len(keys) == 12
     assert {k: exported.get(k) for k in keys} == {k: original.get(k) for k in keys}
+
+
+GO_RENDER = """package main
+
+import (
+	"encoding/json"
+	"os"
+	"text/template"
+)
+
+func main() {
+	var in struct {
+		Template string
+		Data     map[string]any
+	}
+	if err := json.NewDecoder(os.Stdin).Decode(&in); err != nil {
+		panic(err)
+	}
+	if err := template.Must(template.New("t").Parse(in.Template)).Execute(os.Stdout, in.Data); err != nil {
+		panic(err)
+	}
+}
+"""
+
+
+@pytest.mark.skipif(
+    shutil.which("go") is None, reason="no Go toolchain (apt-get install golang-go) to run text/template"
+)
+def test_modelfile_templates_render_the_same_with_go_text_template(folders, tmp_path):
+    """Ollama renders TEMPLATE with Go's text/template: the real one gives the chat template's text too."""
+    (tmp_path / "main.go").write_text(GO_RENDER)
+    env = {**os.environ, "GO111MODULE": "off", "GOCACHE": str(tmp_path / "cache"), "HOME": str(tmp_path)}
+    subprocess.run(["go", "build", "-o", "render", "main.go"], cwd=tmp_path, check=True, env=env)
+    glm = save_model(tmp_path / "glm", "llama", chat_template=None)
+    (glm / "run_args.json").write_text(json.dumps({"model": {"template": "chatglm3"}}))
+    tokenizer = AutoTokenizer.from_pretrained(folders["llama"])
+    conversations = [CONVERSATION, CONVERSATION[1:], [*CONVERSATION, {"role": "assistant", "content": "ok"}]]
+    for source in (folders["llama"], glm):
+        out = tmp_path / f"{source.name}.gguf"
+        assert export(source, out) == 0
+        template = re.search(r'TEMPLATE """(.*?)"""', out.with_suffix(".Modelfile").read_text(), re.S).group(
+            1
+        )
+        for messages in conversations:
+            data = {"Messages": [{"Role": m["role"], "Content": m["content"]} for m in messages]}
+            go = subprocess.run([str(tmp_path / "render")], input=json.dumps({"Template": template, "Data": data}),
+                                capture_output=True, text=True, check=True).stdout  # fmt: skip
+            assert go == render(template, data)
+            if source == folders["llama"]:
+                ask = messages[-1]["role"] != "assistant"
+                assert go == tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=ask, tokenize=False
+                )

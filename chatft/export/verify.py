@@ -146,9 +146,9 @@ def check_tokenizer(source: src.Source, tokenizer: Any, conversations: list[Conv
     """Every conversation rendered (whole, as training renders it, and up to the answer, as inference does) by
     each side's own chat template and tokenizer must give the same text and ids; so must the plain texts.
     Returns (texts compared, tokens compared)."""
-    from chatft.data.templates import get_template, render_with_spans
+    from chatft.data.templates import render_with_spans
 
-    theirs_template = get_template(None, tokenizer) if getattr(tokenizer, "chat_template", None) else None
+    theirs_template = file_template(tokenizer)
     texts = tokens = 0
     for text in PLAIN_TEXTS:
         a, b = source.tokenizer(text)["input_ids"], tokenizer(text)["input_ids"]
@@ -183,6 +183,13 @@ def check_tokenizer(source: src.Source, tokenizer: Any, conversations: list[Conv
                 )
             texts, tokens = texts + 1, tokens + len(ids_a)
     return texts, tokens
+
+
+def file_template(tokenizer: Any) -> Any:
+    """The template that renders with the chat template a tokenizer read back from the file carries."""
+    from chatft.data.templates import get_template
+
+    return get_template(None, tokenizer) if getattr(tokenizer, "chat_template", None) else None
 
 
 def _session(model: Any, tokenizer: Any, source: src.Source, template: Any = "source") -> Any:
@@ -234,7 +241,7 @@ def verify(
         f"{len(PLAIN_TEXTS)} plain) give the source's ids, {tokens} tokens; stops at {', '.join(stops)}"
     )
     asks = prompts(conversations, source.raw, n_prompts)
-    theirs_template = None if source.raw or source.template is None else _gguf_template(tokenizer)
+    theirs_template = None if source.raw or source.template is None else file_template(tokenizer)
     ours_session = _session(reference, source.tokenizer, source)
     theirs_session = _session(model, tokenizer, source, theirs_template)
     ours_ids = [src.prompt(ours_session, c)[1] for c in asks]
@@ -261,9 +268,3 @@ def verify(
     report.lines.append(line)
     report.prompts, report.answers = theirs_ids, got
     return report
-
-
-def _gguf_template(tokenizer: Any) -> Any:
-    from chatft.data.templates import get_template
-
-    return get_template(None, tokenizer)

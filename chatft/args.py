@@ -62,9 +62,12 @@ class ModelArguments:
             "help": "Comma-separated module names for LoRA, or all-linear (every linear layer but the head)."
         },
     )
-    attn_implementation: str = field(
-        default="sdpa",
-        metadata={"help": "Attention backend: sdpa, eager, flash_attention_2, flex_attention."},
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={
+            "help": "Attention backend: sdpa, eager, flash_attention_2, flex_attention; default: the model's own "
+            "choice (sdpa where the architecture supports it, else eager: Gemma-2)."
+        },
     )
 
     def __post_init__(self) -> None:

@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+# P-Tuning v2: the whole prefix encoder (embedding, and the MLP with prefix_projection, which peft's own adapter
+# file lacks: it holds the projected prefix), saved by chatft.train with every checkpoint
+PREFIX_ENCODER_FILE = "prefix_encoder.safetensors"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -116,6 +119,24 @@ def load_model(model_args: ModelArguments, training_args: transformers.TrainingA
     return model
 
 
+def save_prefix_encoder(model: Any, folder: str | Path) -> None:
+    """P-Tuning v2: the peft model's whole prefix encoder into folder/PREFIX_ENCODER_FILE."""
+    from safetensors.torch import save_file
+
+    encoder = model.prompt_encoder[model.active_adapter]
+    state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+    save_file(state, str(Path(folder) / PREFIX_ENCODER_FILE))
+
+
+def load_prefix_encoder(model: Any, folder: str | Path) -> None:
+    """The inverse of save_prefix_encoder (RuntimeError when the shapes do not fit)."""
+    from safetensors.torch import load_file
+
+    model.prompt_encoder[model.active_adapter].load_state_dict(
+        load_file(str(Path(folder) / PREFIX_ENCODER_FILE))
+    )
+
+
 def describe_trainable(model: torch.nn.Module) -> str:
     """'trainable params: 1,234 || all params: 5,678 || trainable%: 0.0217' (4-bit weights counted unpacked)."""
     trainable = total = 0
@@ -144,7 +165,9 @@ def half_dtype(training_args: transformers.TrainingArguments) -> torch.dtype | N
 
 
 def _from_pretrained(model_args: ModelArguments, dtype: torch.dtype) -> PreTrainedModel:
-    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": model_args.attn_implementation}
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if model_args.attn_implementation:
+        kwargs["attn_implementation"] = model_args.attn_implementation
     bits = model_args.quantization_bit
     if bits is None:
         try:
@@ -201,6 +224,16 @@ def _add_prefix(model: PreTrainedModel, model_args: ModelArguments, checkpoint: 
     path = model_args.ptuning_checkpoint
     config = checkpoint
     config.inference_mode = False
+    encoder_file = Path(path) / PREFIX_ENCODER_FILE
+    if encoder_file.is_file():  # chatft's checkpoints hold the whole encoder: go on exactly from it
+        peft_model = _get_peft_model(model, config)
+        try:
+            load_prefix_encoder(peft_model, path)
+        except RuntimeError as e:
+            raise ValueError(
+                f"--ptuning_checkpoint {path}: its prefix does not fit this model ({_one_line(e)})"
+            ) from e
+        return peft_model
     if config.prefix_projection:
         # peft saves a projected prefix as its projection's output, without the MLP that made it: training goes on
         # from that prefix directly, which is the same function (the MLP is only a reparametrization).

@@ -25,7 +25,9 @@ the gradients, and every split of a step batches the same rows.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 
@@ -130,6 +132,8 @@ def packed_sdpa_attention_forward(
     is_causal: bool | None = None,
     cu_seq_lens_q: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """torch sdpa run once per example of a packed batch, each causal over its own tokens only.
@@ -137,9 +141,16 @@ def packed_sdpa_attention_forward(
     The block-diagonal mask of a packed row makes plain sdpa compute (and, on the CPU, store) the attention of
     every token with every other of the row, and keeps it off its causal fast path; here each example is its own
     `is_causal=True` call, so attention costs sum(n_i^2) instead of L^2. The boundaries come from cu_seq_lens_q
-    (a flattened batch, as for flash attention) or else from where position_ids restart at 0. Anything else (a
-    padding mask, a KV cache, one example per row) goes to transformers' own sdpa unchanged.
+    (a flattened batch, as for flash attention) or else from where position_ids restart at 0. A sliding window
+    (Mistral, Gemma-3, Qwen2's sliding layers: a token sees itself and the window - 1 before it) is honoured for
+    examples longer than it. Attention-logit soft-capping (Gemma-2, which transformers runs in eager attention
+    only) is refused. Anything else (a padding mask, a KV cache, one example per row) goes to transformers' own
+    sdpa unchanged.
     """
+    if softcap is not None:
+        raise PackingError(
+            f"{type(module).__name__} soft-caps its attention logits, which sdpa cannot: use --attn_implementation eager"
+        )
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     q_len = query.shape[2]
@@ -147,6 +158,7 @@ def packed_sdpa_attention_forward(
     if attention_mask is None and q_len > 1 and key.shape[2] == q_len:
         bounds = _segment_bounds(cu_seq_lens_q, position_ids, query.shape[0], q_len)
     if bounds is None:
+        window = {} if sliding_window is None else {"sliding_window": sliding_window}
         return sdpa_attention_forward(
             module,
             query,
@@ -156,26 +168,43 @@ def packed_sdpa_attention_forward(
             dropout=dropout,
             scaling=scaling,
             is_causal=is_causal,
+            **window,
             **kwargs,
         )
     groups = getattr(module, "num_key_value_groups", 1)
+    dropout = dropout if module.training else 0.0
     rows = []
     for b, row_bounds in enumerate(bounds):
         parts = [
-            torch.nn.functional.scaled_dot_product_attention(
+            _example_attention(
                 query[b : b + 1, :, start:stop],
                 key[b : b + 1, :, start:stop],
                 value[b : b + 1, :, start:stop],
-                dropout_p=dropout if module.training else 0.0,
-                scale=scaling,
-                is_causal=True,
-                enable_gqa=groups > 1,
+                dropout,
+                scaling,
+                groups,
+                sliding_window,
             )
             for start, stop in row_bounds
         ]
         rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
     out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
     return out.transpose(1, 2).contiguous(), None
+
+
+def _example_attention(q, k, v, dropout: float, scaling, groups: int, window: int | None) -> torch.Tensor:
+    """Causal attention of one example: sdpa's causal fast path, or an explicit mask where the example is longer
+    than the sliding window."""
+    n = q.shape[2]
+    if window is None or n <= window:
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout, scale=scaling, is_causal=True, enable_gqa=groups > 1
+        )
+    i = torch.arange(n, device=q.device)
+    allowed = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=allowed, dropout_p=dropout, scale=scaling, enable_gqa=groups > 1
+    )
 
 
 def _segment_bounds(cu_seq_lens, position_ids, batch: int, length: int) -> list[list[tuple[int, int]]] | None:
@@ -217,3 +246,98 @@ def register_packed_sdpa() -> str:
     AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention_forward)
     AttentionMaskInterface.register(PACKED_SDPA, _packed_sdpa_mask)
     return PACKED_SDPA
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the isolation guard: a packed row that reaches attention without its example boundaries raises
+
+
+class PackingError(RuntimeError):
+    """A packed row would attend across its examples."""
+
+
+_EXPECTED: ContextVar[dict | None] = ContextVar("chatft_packed_rows", default=None)
+
+
+def install_isolation_guard(model: torch.nn.Module) -> int:
+    """Hook every attention module of model (transformers' *Attention classes) to check, inside expect_packed,
+    that it gets the boundaries of the packed examples; returns how many modules were hooked."""
+    hooked = 0
+    for module in model.modules():
+        if type(module).__name__.endswith("Attention") and not getattr(module, "_chatft_guarded", False):
+            module.register_forward_pre_hook(_check_isolation, with_kwargs=True)
+            module._chatft_guarded = True
+            hooked += 1
+    return hooked
+
+
+@contextmanager
+def expect_packed(position_ids: torch.Tensor | None) -> Iterator[None]:
+    """Within: a forward over these rows, whose positions restart at every example. Every attention call must
+    isolate the examples (cu_seq_lens, a block-diagonal mask, or chatft's packed sdpa with the position ids), and
+    at least one must happen; else PackingError, before any loss is computed from it."""
+    starts = _segment_starts(position_ids)
+    if not any(starts):
+        yield
+        return
+    state = {"starts": starts, "calls": 0}
+    token = _EXPECTED.set(state)
+    try:
+        yield
+    finally:
+        _EXPECTED.reset(token)
+    if state["calls"] == 0:
+        raise PackingError(
+            "packed rows went through the model without reaching an attention module chatft can check (its "
+            "attention is not a transformers *Attention module), so nothing shows the examples were kept apart; "
+            "train this model with --packing False"
+        )
+
+
+def _segment_starts(position_ids: torch.Tensor | None) -> list[list[int]]:
+    """Per row, the indices (after the first) where an example starts."""
+    if position_ids is None or position_ids.dim() != 2:
+        return []
+    return [torch.nonzero(row[1:] == 0).flatten().add(1).tolist() for row in position_ids]
+
+
+def _check_isolation(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    state = _EXPECTED.get()
+    if state is None:
+        return
+    state["calls"] += 1
+    mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+    impl = getattr(getattr(module, "config", None), "_attn_implementation", None)
+    if kwargs.get("cu_seq_lens_q") is not None:
+        return
+    if (
+        mask is None
+        and impl == PACKED_SDPA
+        and _segment_starts(kwargs.get("position_ids")) == state["starts"]
+    ):
+        return
+    if mask is not None and _mask_blocks(mask, state["starts"]):
+        return
+    rows = sum(1 for s in state["starts"] if s)
+    raise PackingError(
+        f"{rows} packed row(s) of several examples reached {type(module).__name__} ({impl} attention) without "
+        "the examples' boundaries (no cu_seq_lens, no block-diagonal mask, no restarting position ids): it would "
+        "attend across examples and train on the wrong context; train this model with --packing False, or with "
+        "--attn_implementation sdpa or eager"
+    )
+
+
+def _mask_blocks(mask, starts: list[list[int]]) -> bool:
+    """Whether the mask keeps the first token of every example from seeing the last one of the example before."""
+    if hasattr(mask, "mask_mod"):  # flex attention's BlockMask
+        checks = [(b, s) for b, row in enumerate(starts) for s in row]
+        return all(not bool(mask.mask_mod(*(torch.tensor(x) for x in (b, 0, s, s - 1)))) for b, s in checks)
+    if not torch.is_tensor(mask) or mask.dim() != 4:
+        return False
+    for b, row in enumerate(starts):
+        for s in row:
+            value = mask[min(b, mask.shape[0] - 1), 0, s, s - 1]
+            blocked = not bool(value) if mask.dtype == torch.bool else bool(value < -1e4)
+            if not blocked:
+                return False
+    return True

@@ -29,8 +29,7 @@ import datasets
 import torch
 import yaml
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments, Trainer, TrainerCallback, set_seed
-from transformers.trainer_pt_utils import LengthGroupedSampler
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
 from chatft.args import RUN_ARGS_FILE, DataArguments, ModelArguments
 from chatft.collator import PackedCollator, PadCollator
@@ -40,8 +39,20 @@ from chatft.data.formats import DataFileError, load_conversations
 from chatft.data.templates import IGNORE_INDEX, TemplateError, get_template
 from chatft.infer import generation_scores
 from chatft.loss import DEFAULT_CHUNK_SIZE, causal_lm_loss, unsupported_reason
-from chatft.methods import load_model, load_tokenizer
-from chatft.packing import PackedDataset, register_packed_sdpa
+from chatft.methods import (
+    PREFIX_ENCODER_FILE,
+    load_model,
+    load_prefix_encoder,
+    load_tokenizer,
+    save_prefix_encoder,
+)
+from chatft.packing import (
+    PackedDataset,
+    PackingError,
+    expect_packed,
+    install_isolation_guard,
+    register_packed_sdpa,
+)
 from chatft.plot import plot_loss
 
 DEFAULT_CACHE_DIR = "~/.cache/chatft/preprocessed"
@@ -355,6 +366,10 @@ class ChatTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.generation_eval = generation_eval
         self.loss_chunk_size = loss_chunk_size
+        # packed rows: every attention call must keep the examples apart (chatft.packing.expect_packed)
+        self.packed = isinstance(self.data_collator, PackedCollator)
+        if self.packed:
+            install_isolation_guard(self.accelerator.unwrap_model(self.model))
         reason = unsupported_reason(self.accelerator.unwrap_model(self.model)) if chunked_loss else None
         if reason and self.is_world_process_zero():
             print(f"chunked loss: off, {reason}; using the model's own loss")
@@ -368,13 +383,40 @@ class ChatTrainer(Trainer):
         self._window_start = None
 
     def _get_train_sampler(self, train_dataset=None):
-        """Length grouping over whole optimizer steps of every process (the Trainer groups per process), so that
-        any split of a step (batch x accumulation x processes) batches the same examples together."""
-        sampler = super()._get_train_sampler(train_dataset)
-        if isinstance(sampler, LengthGroupedSampler):
-            args = self.args
-            sampler.batch_size = args.train_batch_size * args.gradient_accumulation_steps * args.world_size
-        return sampler
+        """Length grouping by StepGroupedSampler instead of the Trainer's (which groups per process and draws
+        from the global random state)."""
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        args = self.args
+        if args.train_sampling_strategy != "group_by_length" or not isinstance(dataset, datasets.Dataset):
+            return super()._get_train_sampler(train_dataset)
+        return StepGroupedSampler(
+            args.train_batch_size * args.gradient_accumulation_steps * args.world_size,
+            lengths=dataset[args.length_column_name],
+            seed=args.data_seed if args.data_seed is not None else args.seed,
+        )
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """P-Tuning v2: with the adapter (and with every checkpoint, which saves through here first), the whole
+        prefix encoder: embedding, and with --prefix_projection the MLP, which an exact resume needs."""
+        super().save_model(output_dir, _internal_call)
+        model = self.accelerator.unwrap_model(self.model)
+        if is_prefix_tuning(model) and self.args.should_save:
+            save_prefix_encoder(model, output_dir or self.args.output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """P-Tuning v2: the whole prefix encoder (with --prefix_projection its MLP too, which peft's checkpoint
+        lacks: it holds the projected prefix) from PREFIX_ENCODER_FILE; everything else as the Trainer does."""
+        peft_model = self.accelerator.unwrap_model(model if model is not None else self.model)
+        if not is_prefix_tuning(peft_model):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = Path(resume_from_checkpoint) / PREFIX_ENCODER_FILE
+        if not path.is_file():
+            raise ValueError(
+                f"{resume_from_checkpoint} has no {PREFIX_ENCODER_FILE} (written by chatft with every P-Tuning "
+                "checkpoint), so the prefix encoder cannot be restored exactly; continue from its prefix with "
+                f"--ptuning_checkpoint {resume_from_checkpoint} instead (a new optimizer and schedule)"
+            )
+        load_prefix_encoder(peft_model, resume_from_checkpoint)
 
     def evaluate(self, *args, **kwargs) -> dict[str, float]:
         """The eval loss, and with --predict_with_generate the ROUGE/BLEU of greedy answers on the eval set."""
@@ -391,10 +433,11 @@ class ChatTrainer(Trainer):
         num_tokens = inputs.pop("num_tokens", None)
         if model.training:
             self._count(inputs, num_examples, num_tokens)
-        if not self.chunked_loss:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        labels = inputs.pop("labels")
-        loss, outputs = causal_lm_loss(model, inputs, labels, num_items_in_batch, self.loss_chunk_size)
+        with expect_packed(inputs.get("position_ids") if self.packed else None):
+            if not self.chunked_loss:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            labels = inputs.pop("labels")
+            loss, outputs = causal_lm_loss(model, inputs, labels, num_items_in_batch, self.loss_chunk_size)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # num_items_in_batch counts every process's tokens, and the gradients are averaged over processes
             loss = loss * self.accelerator.num_processes
@@ -442,7 +485,9 @@ class ChatTrainer(Trainer):
         return window.tolist()
 
 
-def generation_eval_for(model_args: ModelArguments, data_args: DataArguments, training_args, tokenizer):
+def generation_eval_for(
+    model_args: ModelArguments, data_args: DataArguments, training_args, tokenizer, attention: str
+):
     """--predict_with_generate with --eval_file: a function scoring greedy answers to the eval records' last
     assistant turns (every record, whatever the batch size), rendered as in training."""
     if not (training_args.predict_with_generate and data_args.eval_file):
@@ -454,17 +499,15 @@ def generation_eval_for(model_args: ModelArguments, data_args: DataArguments, tr
 
     def scores(model) -> dict[str, float]:
         base = base_model(model)
-        attention, training = base.config._attn_implementation, model.training
-        base.set_attn_implementation(
-            model_args.attn_implementation
-        )  # packing's own sdpa is for training rows
+        training_attention, training = base.config._attn_implementation, model.training
+        base.set_attn_implementation(attention)  # packing's own sdpa is for training rows
         model.eval()
         try:
             return generation_scores(
                 model, tokenizer, template, records, max_new_tokens, training_args.per_device_eval_batch_size
             )
         finally:
-            base.set_attn_implementation(attention)
+            base.set_attn_implementation(training_attention)
             model.train(training)
 
     return scores
@@ -481,6 +524,31 @@ def data_refused(prepared: PreparedData, data_args: DataArguments) -> str | None
     if len(prepared.dataset) == 0:
         return "no example left to train on"
     return None
+
+
+class StepGroupedSampler(LengthGroupedSampler):
+    """The Trainer's length grouping, with two changes that keep a run the same however it is split or resumed:
+    groups of whole optimizer steps of all processes (batch x accumulation x processes), so every split of a step
+    batches the same examples together; and an order drawn from (seed, epoch) alone, so a resumed run redraws
+    the interrupted epoch's order exactly (the Trainer's draws from the global random state, which is elsewhere
+    by then)."""
+
+    def __init__(self, batch_size: int, lengths: list[int], seed: int) -> None:
+        super().__init__(batch_size, lengths=lengths)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:  # the Trainer calls it at the start of every epoch
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+
+def is_prefix_tuning(model) -> bool:
+    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", "default"))
+    return str(getattr(config, "peft_type", "")).endswith("PREFIX_TUNING")
 
 
 class SaveRunArgs(TrainerCallback):
@@ -508,14 +576,28 @@ def write_run_args(folder: Path, run_args: dict) -> None:
 def resolve_resume(training_args: TrainArguments) -> str | None:
     resume = training_args.resume_from_checkpoint
     if resume == "auto":
-        last = (
-            get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
-        )
+        last = last_complete_checkpoint(training_args.output_dir)
         print(f"resuming from {last}" if last else "no checkpoint to resume from: starting fresh")
         return last
     if resume and not os.path.isdir(resume):
         raise ValueError(f"--resume_from_checkpoint {resume}: no such checkpoint folder")
     return resume
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest checkpoint-N folder the Trainer finished writing (trainer_state.json is its last file); a run
+    killed while saving leaves a newer one without it, which is skipped with a word."""
+    folder = Path(output_dir)
+    found = sorted(
+        (int(p.name.split("-", 1)[1]), p)
+        for p in (folder.glob("checkpoint-*") if folder.is_dir() else [])
+        if p.is_dir() and p.name.split("-", 1)[1].isdigit()
+    )
+    for _, path in reversed(found):
+        if (path / "trainer_state.json").is_file():
+            return str(path)
+        print(f"{path} is incomplete (no trainer_state.json): skipped")
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -568,9 +650,9 @@ def main(argv: list[str] | None = None) -> int:
         "training": training_args.to_dict(),
     }
     train_set, eval_set = training_datasets(train, evaluation, packing, data_args, training_args, log)
-    attn = model_args.attn_implementation
+    own = attn = base_model(model).config._attn_implementation  # as loaded: the model's choice or the user's
     if packing:
-        attn = packed_attention(model, attn, log)
+        attn = packed_attention(model, own, log)
         collator = PackedCollator.for_backend(tokenizer.pad_token_id, attn)
     else:
         collator = PadCollator(tokenizer.pad_token_id)
@@ -584,12 +666,16 @@ def main(argv: list[str] | None = None) -> int:
         callbacks=[SaveRunArgs(run_args)],
         chunked_loss=training_args.chunked_loss,
         loss_chunk_size=training_args.loss_chunk_size,
-        generation_eval=generation_eval_for(model_args, data_args, training_args, tokenizer),
+        generation_eval=generation_eval_for(model_args, data_args, training_args, tokenizer, own),
     )
-    trainer.train(resume_from_checkpoint=resume)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except PackingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     model.config.use_cache = True  # off for training only; the saved model generates with its cache
-    if attn != model_args.attn_implementation:  # packing's own sdpa; config.json never records the attention
-        base_model(model).set_attn_implementation(model_args.attn_implementation)
+    if attn != own:  # packing's own sdpa; config.json never records the attention
+        base_model(model).set_attn_implementation(own)
     trainer.save_model(training_args.output_dir)
     if trainer.is_world_process_zero():
         write_run_args(Path(training_args.output_dir), run_args)

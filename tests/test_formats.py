@@ -1070,9 +1070,6 @@ def test_sample_directory_loads_every_file() -> None:
 # ---------------------------------------------------------------------------------------------------- real data
 
 
-@pytest.mark.skipif(
-    not (SHARED / "ruozhiba_qa.json").exists(), reason="shared ruozhiba_qa.json not available"
-)
 def test_real_ruozhiba_alpaca_array() -> None:
     loaded = load(SHARED / "ruozhiba_qa.json")
     assert loaded.problems == []
@@ -1085,9 +1082,6 @@ def test_real_ruozhiba_alpaca_array() -> None:
     )
 
 
-@pytest.mark.skipif(
-    not (SHARED / "AdvertiseGen" / "train.json").exists(), reason="shared AdvertiseGen not available"
-)
 def test_real_advertise_gen_json_lines() -> None:
     path = SHARED / "AdvertiseGen" / "train.json"
     loaded = load(path)

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Tr
 
 from chatft import methods
 from chatft.args import ModelArguments
-from chatft.methods import describe_trainable, load_model, load_tokenizer
+from chatft.methods import describe_trainable, load_model, load_tokenizer, save_prefix_encoder
 
 # peft 0.21 reads the deprecated `is_gradient_checkpointing` of transformers 5 in PeftModel.from_pretrained
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
@@ -21,17 +21,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:Fu
 VOCAB = 128
 IDS = torch.randint(3, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
 DESCRIBE = re.compile(r"^trainable params: [\d,]+ \|\| all params: [\d,]+ \|\| trainable%: \d+\.\d{4}$")
-
-
-def _has_bnb() -> bool:
-    try:
-        import bitsandbytes  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-needs_bnb = pytest.mark.skipif(not _has_bnb(), reason="bitsandbytes is not installed")
 
 
 @pytest.fixture(scope="module")
@@ -213,6 +202,24 @@ def test_ptuning_checkpoint_continues(
     assert_trained(resumed, before)
 
 
+def test_ptuning_checkpoint_written_by_chatft_keeps_its_projection(model_dir: Path, tmp_path: Path) -> None:
+    # chatft's checkpoints also hold the whole prefix encoder: training goes on with the MLP itself
+    model = load_model(model_args(model_dir, "ptuning", prefix_projection=True), training_args(tmp_path))
+    train(model, steps=1)
+    expected = logits(model)
+    model.save_pretrained(tmp_path / "ckpt")
+    save_prefix_encoder(model, tmp_path / "ckpt")
+    resumed = load_model(
+        model_args(model_dir, "ptuning", ptuning_checkpoint=str(tmp_path / "ckpt")), training_args(tmp_path)
+    )
+    trained = {n for n, p in resumed.named_parameters() if p.requires_grad}
+    assert any(".transform." in n for n in trained) and any(".embedding." in n for n in trained)
+    torch.testing.assert_close(logits(resumed), expected, atol=1e-5, rtol=0)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(dict(resumed.named_parameters())[name], p)
+
+
 def test_lora(model_dir: Path, tmp_path: Path) -> None:
     model = load_model(model_args(model_dir, "lora"), training_args(tmp_path))
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
@@ -235,7 +242,6 @@ def test_lora_target_list(model_dir: Path, tmp_path: Path) -> None:
         load_model(model_args(model_dir, "lora", lora_target="nope"), training_args(tmp_path))
 
 
-@needs_bnb
 @pytest.mark.parametrize("bits", [4, 8])
 def test_qlora(model_dir: Path, tmp_path: Path, bits: int, caplog: pytest.LogCaptureFixture) -> None:
     import bitsandbytes as bnb
@@ -251,7 +257,6 @@ def test_qlora(model_dir: Path, tmp_path: Path, bits: int, caplog: pytest.LogCap
     assert caplog.text.count("MatMul8bitLt") <= 1  # bitsandbytes would log it on every 8-bit matmul
 
 
-@needs_bnb
 def test_ptuning_on_4bit_base(model_dir: Path, tmp_path: Path) -> None:
     model = load_model(model_args(model_dir, "ptuning", quantization_bit=4), training_args(tmp_path))
     assert all(name.startswith("prompt_encoder.") for name, p in model.named_parameters() if p.requires_grad)
@@ -292,7 +297,7 @@ def test_ptuning_turns_gradient_checkpointing_off(
 
 @pytest.mark.parametrize(
     ("method", "kwargs"),
-    [("lora", None), ("full", None), pytest.param("qlora", {"use_reentrant": True}, marks=needs_bnb)],
+    [("lora", None), ("full", None), ("qlora", {"use_reentrant": True})],
 )
 def test_gradient_checkpointing(model_dir: Path, tmp_path: Path, method: str, kwargs: dict | None) -> None:
     args = training_args(tmp_path, activation_checkpointing=True, activation_checkpointing_kwargs=kwargs)

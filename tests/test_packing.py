@@ -16,7 +16,14 @@ from toy import openai_jsonl, save_tiny_model, tiny_llama
 from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
 from chatft.collator import PackedCollator, PadCollator
-from chatft.packing import PACKED_SDPA, PackedDataset, best_fit_decreasing, register_packed_sdpa
+from chatft.packing import (
+    PACKED_SDPA,
+    PackedDataset,
+    PackingError,
+    best_fit_decreasing,
+    expect_packed,
+    register_packed_sdpa,
+)
 from chatft.train import ChatTrainer, main
 
 # transformers' sdpa and eager over packed rows (isolation from the position ids alone), and chatft's packed sdpa
@@ -172,6 +179,32 @@ def test_each_packed_example_sees_only_itself(attn, tmp_path):
             input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=ones
         ).logits
         assert (leaky[0, 12:15] - outputs.logits[0, 12:15]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_a_packed_row_reaching_attention_without_its_boundaries_raises(attn, tmp_path):
+    """A 2-D attention mask (all ones) next to the packed position ids: transformers then builds a plain causal
+    mask and the examples of a row see each other. The guard stops the step before any loss is computed."""
+
+    class LeakyCollator(PackedCollator):
+        def __call__(self, features):
+            batch = super().__call__(features)
+            return batch | {"attention_mask": torch.ones_like(batch["input_ids"])}
+
+    model = tiny_model(attn)
+    packed = PackedDataset(ListDataset(EXAMPLES), 16, [len(e["input_ids"]) for e in EXAMPLES])
+    trainer = trainer_for(model, packed, LeakyCollator(PAD), tmp_path, batch_size=3)
+    batch = first_batch(trainer)
+    with pytest.raises(PackingError, match="3 packed row\\(s\\) of several examples reached LlamaAttention"):
+        trainer.compute_loss(model, batch, num_items_in_batch=num_items(batch))
+
+
+def test_packed_rows_that_never_reach_a_checked_attention_raise():
+    pos = torch.tensor([[0, 1, 2, 0, 1]])
+    with pytest.raises(PackingError, match="without reaching an attention module"), expect_packed(pos):
+        pass  # a model whose attention is no transformers *Attention module: nothing was checked
+    with expect_packed(torch.tensor([[0, 1, 2, 3, 4]])):  # one example per row: nothing to check
+        pass
 
 
 @pytest.mark.parametrize("attn", BACKENDS)

@@ -14,11 +14,7 @@ SHARED = ROOT.parent / "shared" / "data"
 RUOZHIBA = SHARED / "ruozhiba_qa.json"
 ADVERTISE = SHARED / "AdvertiseGen" / "train.json"
 
-pytestmark = [
-    pytest.mark.real_model,
-    pytest.mark.skipif(not RUOZHIBA.exists(), reason="../shared/data is not there"),
-    pytest.mark.skipif(not DEFAULT_MODEL_DIR.exists(), reason="run scripts/get_demo_model.sh first"),
-]
+pytestmark = pytest.mark.real_model  # ../shared/data and the demo model are prepared: never skipped
 
 
 def ruozhiba() -> list[dict]:

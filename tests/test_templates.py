@@ -274,16 +274,17 @@ def test_answer_holding_the_closer_inside_is_refused():
         enc(conv)
 
 
-def test_template_that_rewrites_the_only_turn_once_followed_is_refused():
-    # one assistant turn, whose content this template drops as soon as any message follows it: only the
-    # continued conversation shows it; the dropped text must not pass for an end-of-conversation trailer
+def test_last_answer_rendered_differently_once_followed_is_trained_whole():
+    # This template drops an answer's content as soon as a message follows it (reasoning templates do the like:
+    # Qwen3 gives only the final answer its think block). The last answer has nothing after it: it is exactly
+    # what the model generates after the generation prompt, so it is trained whole, not mistaken for a trailer.
     template = (
         "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
         "{% if message['role'] != 'assistant' or loop.last %}{{ message['content'] }}{% endif %}<|im_end|>\n"
         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
-    with pytest.raises(TemplateError, match="renders turn 2 differently"):
-        enc(chat(("user", "hi"), ("assistant", "hello")), make_tokenizer(template))
+    e = enc(chat(("user", "hi"), ("assistant", "hello there")), make_tokenizer(template))
+    assert e.labels == [X] * 9 + ids("hello", " ", "there") + [4, X]
 
 
 def test_closing_token_ids_per_template():

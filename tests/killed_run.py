@@ -1,0 +1,38 @@
+"""finetune.py in a process that SIGKILLs itself at the end of one step, after the checkpoints saved up to then
+and before that step's own save or log: a run cut by a crash or the out-of-memory killer, for the resume tests.
+
+python tests/killed_run.py STEP [finetune.py arguments...]
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the repository
+from chatft import train  # noqa: E402
+
+
+class KillAtStep(TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+if __name__ == "__main__":
+    step, argv = int(sys.argv[1]), sys.argv[2:]
+    init = train.ChatTrainer.__init__
+
+    def init_with_kill(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.add_callback(KillAtStep(step))
+
+    train.ChatTrainer.__init__ = init_with_kill
+    sys.exit(train.main(argv))

@@ -407,3 +407,55 @@ def test_modelfile_templates_render_the_same_with_go_text_template(folders, tmp_
                 assert go == tokenizer.apply_chat_template(
                     messages, add_generation_prompt=ask, tokenize=False
                 )
+
+
+TRANSLATABLE = {"smollm2", "qwen2.5", "zephyr"}
+
+
+def test_modelfile_translation_of_each_family_template_or_its_refusal():
+    """The model-family templates (tests/families.py): those with one fixed layout per role translate and render
+    the chat template's text; the others are refused with the reason (Llama 3.1's first system message holds a
+    date header a later one does not, Mistral moves the system text to the last user turn, Gemma folds it into
+    the first user turn, Phi-3's tokens swallow the white space after them, Qwen3 drops earlier thoughts)."""
+    from families import FAMILIES, make_tokenizer
+
+    from chatft.data.templates import get_template, render_generation_prompt, render_with_spans
+    from chatft.export import modelfile as mf
+    from chatft.export.command import adds_bos
+    from chatft.export.verify import sample_conversations
+
+    for name in FAMILIES:
+        tokenizer = make_tokenizer(name)
+        template = get_template(None, tokenizer)
+
+        def renderer(conv, ask, tokenizer=tokenizer, template=template):
+            if ask:
+                return render_generation_prompt(conv, tokenizer, template)
+            return render_with_spans(conv, tokenizer, template)[0]
+
+        bos = tokenizer.bos_token if adds_bos(tokenizer) else None
+        if name in TRANSLATABLE:
+            go, n, _ = mf.translate(renderer, sample_conversations(), bos)
+            assert n >= 15
+            for chat in SAMPLE_CHATS:
+                messages = [{"role": r, "content": c} for r, c in chat[:-1]]
+                data = {"Messages": [{"Role": m["role"], "Content": m["content"]} for m in messages]}
+                expected = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+                assert render(go, data) == expected, name
+        else:
+            with pytest.raises(mf.ModelfileError, match="chat template"):
+                mf.translate(renderer, sample_conversations(), bos)
+
+
+def test_the_qwen25_family_fixture_exports_end_to_end(tmp_path):
+    """Qwen2.5's shape: a Qwen2Tokenizer (byte-level BPE, Qwen's split), a default system prompt, two stop
+    tokens (<|im_end|>, and <|endoftext|> from the generation config), tool results in user turns."""
+    from families import save_family
+
+    folder = save_family("qwen2.5", tmp_path / "qwen2.5")
+    out = tmp_path / "q.gguf"
+    assert export(folder, out) == 0
+    metadata = read_metadata(out)
+    assert metadata["tokenizer.ggml.pre"] == "qwen2" and metadata["general.architecture"] == "qwen2"
+    text = (tmp_path / "q.Modelfile").read_text()
+    assert 'PARAMETER stop "<|im_end|>"' in text and "You are Qwen, created by Alibaba Cloud." in text

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from chatft.data.schema import Conversation, Message
+from chatft.data.schema import Conversation
 from chatft.data.templates import TemplateError, render_generation_prompt, render_with_spans
 from chatft.export import modelfile as mf
 from chatft.export.gguf import FILE_TYPES, ExportError, Tokens, write_gguf
@@ -213,24 +213,6 @@ def renderer_for(source: Source) -> mf.Renderer:
     return render
 
 
-def check_conversations(conversations: list[Conversation], tools: bool) -> list[Conversation]:
-    """The conversations a translated template is checked on: each as it is, without its system message, and
-    ending on its first assistant turn; with a tool result in one when tool results are translated."""
-    out: list[Conversation] = []
-    for conv in conversations:
-        out.append(conv)
-        without = [m for m in conv.messages if m.role != "system"]
-        if len(without) != len(conv.messages):
-            out.append(Conversation(without))
-        first = next((i for i, m in enumerate(conv.messages) if m.role == "assistant"), None)
-        if first is not None:
-            out.append(Conversation(conv.messages[: first + 1]))
-    if tools:
-        out.append(Conversation([Message("user", "weather in Paris?"), Message("assistant", "calling the tool"),
-                                 Message("tool", '{"sunny": true}'), Message("user", "so?")]))  # fmt: skip
-    return out
-
-
 def plan_modelfile(source: Source, out: Path, conversations: list[Conversation]) -> tuple[Path, str, str]:
     """(where, the Modelfile's text, a note), or ModelfileError when the chat template cannot be translated."""
     path = out.with_name(out.stem + ".Modelfile")
@@ -239,24 +221,15 @@ def plan_modelfile(source: Source, out: Path, conversations: list[Conversation])
     if source.raw:
         comments.append("The model was trained on raw prompts (input-output data): no chat markup.")
         return path, mf.modelfile_text(out, mf.RAW_TEMPLATE, stops, comments), "raw prompts"
+    bos = source.tokenizer.bos_token if adds_bos(source.tokenizer) else None
     try:
-        layout = mf.probe_layout(renderer_for(source))
+        template, n, notes = mf.translate(renderer_for(source), conversations, bos)
     except mf.ModelfileError as e:
         raise mf.ModelfileError(f"no Modelfile: {e}; export the GGUF alone with --no-modelfile (it carries the chat "
                                 "template for llama.cpp's --jinja)") from e  # fmt: skip
-    bos = source.tokenizer.bos_token
-    drop = bos if bos and adds_bos(source.tokenizer) and layout.prefix.startswith(bos) else ""
-    template = mf.go_template(layout, drop)
-    checks = check_conversations(conversations, "tool" in layout.around)
-    try:
-        n = mf.check_template(template, renderer_for(source), checks, drop)
-    except mf.ModelfileError as e:
-        raise mf.ModelfileError(f"no Modelfile: {e}; export the GGUF alone with --no-modelfile") from e
     comments.append(
         f"TEMPLATE: the chat template the model was trained with ({template_name(source)}) in Ollama's syntax; it "
         f"rendered the same text as that template for {n} conversations when this file was written."
     )
-    comments += layout.notes
-    if drop:
-        comments.append(f"{drop} is left out of TEMPLATE: llama.cpp puts it before every prompt itself.")
+    comments += notes
     return path, mf.modelfile_text(out, template, stops, comments), f"template checked on {n} conversations"

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chatft.data.schema import Conversation, Message
+from chatft.data.templates import TemplateError
 from chatft.export import first_difference
 from chatft.export.gotemplate import GoTemplateError, render
 
@@ -170,6 +171,65 @@ def check_template(
                 f"{expected[at : at + 40]!r} (character {at} of a {len(conv.messages)}-message conversation)"
             )
     return len(conversations)
+
+
+def check_conversations(conversations: list[Conversation]) -> list[Conversation]:
+    """The conversations a translated template is checked on: each as it is, without its system message, and
+    ending on its first assistant turn; one whose texts start and end with white space (a template that trims
+    content cannot be written in Go's template syntax, which has no trim)."""
+    out: list[Conversation] = []
+    for conv in conversations:
+        out.append(conv)
+        without = [m for m in conv.messages if m.role != "system"]
+        if len(without) != len(conv.messages):
+            out.append(Conversation(without))
+        first = next((i for i, m in enumerate(conv.messages) if m.role == "assistant"), None)
+        if first is not None:
+            out.append(Conversation(conv.messages[: first + 1]))
+    padded = [
+        _m("system", " be brief \n"),
+        _m("user", "\n hi there  "),
+        _m("assistant", "  hello \n"),
+        _m("user", " ok "),
+    ]
+    return [*out, Conversation(padded)]
+
+
+TOOL_CONVERSATIONS = [
+    Conversation([_m("user", "weather in Paris?"), _m("assistant", "calling it"), _m("tool", '{"sunny": true}'),
+                  _m("user", "so?")]),
+    Conversation([_m("user", "and Rome, Oslo?"), _m("assistant", "calling both"), _m("tool", '{"rain": 1}'),
+                  _m("tool", '{"snow": 2}'), _m("user", "thanks")]),
+]  # fmt: skip
+
+
+def translate(
+    renderer: Renderer, conversations: list[Conversation], bos: str | None
+) -> tuple[str, int, list[str]]:
+    """(the Ollama TEMPLATE, how many conversations it was checked on, notes) for the chat template behind
+    renderer; ModelfileError when it cannot be written. bos: the BOS text the runtime puts before every prompt
+    (a tokenizer that adds BOS), left out of TEMPLATE when the chat template writes it too."""
+    try:
+        layout = probe_layout(renderer)
+        drop = bos if bos and layout.prefix.startswith(bos) else ""
+        if drop:
+            layout.notes.append(
+                f"{drop} is left out of TEMPLATE: llama.cpp puts it before every prompt itself."
+            )
+        if "tool" in layout.around:
+            try:
+                check_template(go_template(layout, drop), renderer, TOOL_CONVERSATIONS, drop)
+            except ModelfileError as e:
+                del layout.around["tool"]
+                layout.notes.append(f"tool results are not translated: {e}")
+        if "tool" in layout.around:
+            layout.notes.append("tool results render as training renders them without tool definitions; tool "
+                                "definitions (.Tools) and assistant tool calls are not translated")  # fmt: skip
+        template = go_template(layout, drop)
+        checks = check_conversations(conversations) + (TOOL_CONVERSATIONS if "tool" in layout.around else [])
+        return template, check_template(template, renderer, checks, drop), layout.notes
+    except TemplateError as e:
+        raise ModelfileError(str(e)) from e
 
 
 def _quoted(text: str) -> str:

@@ -80,12 +80,19 @@ CONFIG_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_k
 
 def check_config(source: Any, loaded: Any) -> None:
     for key in CONFIG_KEYS:
-        a, b = getattr(source.config, key, None), getattr(loaded.config, key, None)
+        a, b = _config_value(source.config, key), _config_value(loaded.config, key)
         if a is not None and a != b and not (isinstance(a, float) and abs(a - b) <= 1e-6 * abs(a)):
             raise VerifyError(f"the model read back has {key} {b}, the source {a}")
     theta = src_theta(source.config), src_theta(loaded.config)
     if theta[0] != theta[1]:
         raise VerifyError(f"the model read back has rope_theta {theta[1]}, the source {theta[0]}")
+
+
+def _config_value(config: Any, key: str) -> Any:
+    value = getattr(config, key, None)
+    if key == "head_dim" and value is None:  # a config may leave it to hidden_size / num_attention_heads
+        return config.hidden_size // config.num_attention_heads
+    return value
 
 
 def src_theta(config: Any) -> Any:

@@ -459,3 +459,30 @@ def test_the_qwen25_family_fixture_exports_end_to_end(tmp_path):
     assert metadata["tokenizer.ggml.pre"] == "qwen2" and metadata["general.architecture"] == "qwen2"
     text = (tmp_path / "q.Modelfile").read_text()
     assert 'PARAMETER stop "<|im_end|>"' in text and "You are Qwen, created by Alibaba Cloud." in text
+
+
+@pytest.mark.parametrize("name", ["chatml", "chatglm3"])
+def test_the_native_templates_translate(name):
+    from toy import make_tokenizer
+
+    from chatft.data.schema import Conversation, Message
+    from chatft.data.templates import NATIVE_TEMPLATES, render_generation_prompt, render_with_spans
+    from chatft.export import modelfile as mf
+
+    tokenizer, template = make_tokenizer(chat_template=None), NATIVE_TEMPLATES[name]
+
+    def renderer(conv, ask):
+        return (
+            render_generation_prompt(conv, tokenizer, template)
+            if ask
+            else render_with_spans(conv, tokenizer, template)[0]
+        )
+
+    chats = [Conversation([Message(r, c) for r, c in chat]) for chat in SAMPLE_CHATS]
+    go, _, notes = mf.translate(renderer, chats, None)
+    conv = Conversation([Message("system", "ok"), Message("user", "hi"), Message("assistant", "hello"),
+                         Message("tool", "sunny"), Message("user", "bye")])  # fmt: skip
+    assert render(
+        go, {"Messages": [{"Role": m.role, "Content": m.content} for m in conv.messages]}
+    ) == renderer(conv, True)
+    assert any("tool calls are not translated" in n for n in notes)

@@ -486,3 +486,17 @@ def test_the_native_templates_translate(name):
         go, {"Messages": [{"Role": m.role, "Content": m.content} for m in conv.messages]}
     ) == renderer(conv, True)
     assert any("tool calls are not translated" in n for n in notes)
+
+
+@pytest.mark.parametrize(
+    ("file_type", "dtype", "code"), [("f16", torch.float16, 1), ("bf16", torch.bfloat16, 32)]
+)
+def test_f16_and_bf16_weights_read_back_as_the_source_rounded(folders, tmp_path, file_type, dtype, code):
+    out = tmp_path / f"{file_type}.gguf"
+    assert export(folders["mistral"], out, "--type", file_type) == 0
+    assert read_metadata(out)["general.file_type"] == code
+    source = AutoModelForCausalLM.from_pretrained(folders["mistral"]).eval()
+    model, _ = load_back(out)
+    for name, weight in source.state_dict().items():
+        expected = weight if weight.ndim < 2 else weight.to(dtype).float()  # norms stay F32
+        assert torch.equal(model.state_dict()[name], expected), name

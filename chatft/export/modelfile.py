@@ -77,11 +77,9 @@ def probe_layout(renderer: Renderer) -> Layout:
             "the chat template renders the first user turn after a system message differently"
         )
     mid = [_m("user", u1), _m("assistant", a1), _m("system", s2)]
-    try:
+    try:  # a template that refuses a system message after the first turn raises an error of its own choice
         around["system"] = _split(_delta(full, mid, "a system message"), s2, "a system message")
-    except (
-        Exception
-    ) as e:  # a template that refuses a system message after the first turn raises its own error
+    except Exception as e:
         raise ModelfileError(f"cannot read how the chat template renders a system message ({e})") from e
     before_system = _split(full(conv[:1]), s, "a system message")[0]
     if not before_system.endswith(around["system"][0]):
@@ -108,7 +106,7 @@ def probe_layout(renderer: Renderer) -> Layout:
     try:
         tool = _delta(full, [_m("user", u1), _m("assistant", a1), _m("tool", t1)], "a tool result")
         around["tool"] = _split(tool, t1, "a tool result")
-    except Exception as e:  # noqa: BLE001 - any failure only means tool results are left out
+    except Exception as e:  # any failure only means tool results are left out
         layout.notes.append(f"tool results are not translated ({str(e).splitlines()[0][:120]})")
     return layout
 

@@ -67,7 +67,7 @@ def load_back(path: Path) -> tuple[Any, Any]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    except Exception as e:  # noqa: BLE001 - whatever the loader raises, the file does not load
+    except Exception as e:  # whatever the loader raises, the file does not load
         raise VerifyError(
             f"transformers cannot load the file back ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
         ) from e

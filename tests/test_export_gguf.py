@@ -237,7 +237,7 @@ def test_a_native_chatglm3_template_travels_with_every_end_of_turn_token(tmp_pat
     written = [metadata[f"tokenizer.ggml.{k}_token_id"] for k in ("eos", "eot", "eom")]
     assert sorted(written) == sorted(stops) and written[0] == tokenizer.eos_token_id
     assert metadata["tokenizer.chat_template"].startswith("[gMASK]sop")
-    assert metadata["chatft.method"] == "full"
+    assert metadata["chatft.method"] == "full" and metadata["general.name"] == "glm"
     text = (tmp_path / "glm.Modelfile").read_text()
     assert all(f'PARAMETER stop "{t}"' in text for t in ("<|im_end|>", "<|user|>", "<|observation|>"))
     template = re.search(r'TEMPLATE """(.*?)"""', text, re.S).group(1)

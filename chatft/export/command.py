@@ -171,9 +171,11 @@ def metadata(source: Source, name: str | None) -> dict[str, Any]:
     model_args = source.run_args.get("model") or {}
     data_args = source.run_args.get("data") or {}
     training = source.run_args.get("training") or {}
-    base_name = Path(source.base).name
-    if name is None:
-        name = base_name if source.kind == "base" else f"{base_name}-{Path(source.path).resolve().name}"
+    trained_on = model_args.get("model_name_or_path") or source.base  # a full fine-tune's own base
+    base_name = Path(str(trained_on)).name
+    if name is None:  # the folder's name; an adapter's after its base's
+        own = Path(source.path).resolve().name
+        name = f"{Path(source.base).name}-{own}" if source.kind == "lora" else own
     method = model_args.get("method") or ("lora" if source.kind == "lora" else None)
     files = [str(f) for f in data_args.get("train_file") or []]
     facts: dict[str, Any] = {
@@ -186,7 +188,7 @@ def metadata(source: Source, name: str | None) -> dict[str, Any]:
             f" on {', '.join(Path(f).name for f in files)}" if files else ""
         )
         facts |= {
-            "chatft.base_model": str(source.base),
+            "chatft.base_model": str(trained_on),
             "chatft.method": method,
             "chatft.template": model_args.get("template") or "tokenizer",
             "chatft.train_files": files or None,

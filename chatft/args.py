@@ -103,7 +103,10 @@ class DataArguments:
     )
     max_target_length: int | None = field(
         default=None,
-        metadata={"help": "input-output format: cut the response to this many tokens (EOS included)."},
+        metadata={
+            "help": "input-output format: cut the response to this many tokens, its EOS included when it fits "
+            "(a cut response gets none)."
+        },
     )
     preprocessing_num_workers: int | None = field(
         default=None, metadata={"help": "Processes for tokenization (datasets.map num_proc)."}

@@ -33,7 +33,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_group
 
 from chatft.args import RUN_ARGS_FILE, DataArguments, ModelArguments
 from chatft.collator import PackedCollator, PadCollator
-from chatft.data.check import report_lines
+from chatft.data.check import position_warning, report_lines
 from chatft.data.dataset import PreparedData, prepare_data
 from chatft.data.formats import DataFileError, load_conversations
 from chatft.data.templates import IGNORE_INDEX, TemplateError, get_template
@@ -72,6 +72,22 @@ class TrainArguments(Seq2SeqTrainingArguments):
     save_steps: float = field(default=100, metadata={"help": "Save a checkpoint every N steps."})
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: datasets hold model inputs."}
+    )
+    activation_checkpointing: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Activation checkpointing: less memory for 5-36%% more time per step. Unset: on only where a "
+            "step would not fit comfortably in the memory available (never for ptuning).",
+            "nargs": "?",
+            "const": True,
+        },
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "Go on from a checkpoint folder, or auto: the newest checkpoint in output_dir that was written "
+            "whole (same data order, optimizer, scheduler and random state)."
+        },
     )
     prediction_loss_only: bool = field(
         default=True,
@@ -117,20 +133,101 @@ def make_parser() -> HfArgumentParser:
     return HfArgumentParser((ModelArguments, DataArguments, TrainArguments))
 
 
-def yaml_to_argv(path: str) -> list[str]:
-    """A run.yaml's keys as command-line arguments, so that the real command line (which comes after) wins."""
-    with open(path, encoding="utf-8") as f:
-        config = yaml.safe_load(f) or {}
+# --help shows chatft's own arguments and these Trainer arguments, grouped; --help_all shows every one
+HELP_GROUPS = {
+    "steps and batches": ["output_dir", "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps",
+                          "num_train_epochs"],
+    "optimization": ["learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm", "optim"],
+    "logging, saving, evaluation": ["logging_steps", "save_steps", "save_total_limit", "eval_strategy", "eval_steps",
+                                    "per_device_eval_batch_size", "predict_with_generate", "generation_max_length",
+                                    "report_to"],
+    "precision and memory": ["bf16", "fp16", "use_cpu", "activation_checkpointing", "chunked_loss",
+                             "malloc_mmap_threshold", "deepspeed"],
+    "resume and seed": ["resume_from_checkpoint", "seed", "data_seed"],
+}  # fmt: skip
+
+
+def short_help(parser: HfArgumentParser) -> str:
+    """--help: chatft's arguments (model and method, data) and the Trainer arguments of HELP_GROUPS, each with its
+    help and default as the full parser has them."""
+    import argparse
+
+    actions: dict = {}
+    for a in parser._actions:  # the first per name: a bool that defaults to True also has a --no_NAME action
+        actions.setdefault(a.dest, a)
+    view = argparse.ArgumentParser(
+        prog="finetune.py",
+        usage="finetune.py --train_file FILE [...] [--config run.yaml] [options]",
+        description="Fine-tune a chat model on conversation data (chatft). The command line overrides --config.",
+        epilog=f"--help_all lists all {len(actions) - 1} arguments: these and every other Trainer argument.",
+        add_help=False,
+    )
+    view.add_argument("--config", metavar="FILE", help="a YAML file of these names and values")
+    groups = {
+        "model and method": [f.name for f in dataclasses.fields(ModelArguments)],
+        "data": [f.name for f in dataclasses.fields(DataArguments)],
+        **{f"training: {title}": names for title, names in HELP_GROUPS.items()},
+    }
+    for title, names in groups.items():
+        group = view.add_argument_group(title)
+        for name in names:
+            a = actions[name]
+            text = a.help or ""  # argparse help texts: a percent sign is already written %%
+            if a.default not in (None, [], "") and "default" not in text.lower():
+                text += f" (default: {a.default})"
+            boolean = a.nargs == "?"
+            if boolean:
+                metavar = "{True,False}"
+            elif a.choices and len(a.choices) <= 8:
+                metavar = "{" + ",".join(map(str, a.choices)) + "}"
+            else:
+                metavar = "NAME" if a.choices else "X"
+            group.add_argument(
+                a.option_strings[0],
+                dest=name,
+                help=text,
+                metavar=metavar,
+                nargs="+" if a.nargs == "+" else None,
+            )
+    return view.format_help()
+
+
+def split_config(argv: list[str]) -> tuple[str | None, list[str]]:
+    """(the --config FILE / --config=FILE value, the other arguments)."""
+    for i, arg in enumerate(argv):
+        if arg == "--config":
+            if i + 1 >= len(argv):
+                raise ValueError("--config needs a YAML file")
+            return argv[i + 1], argv[:i] + argv[i + 2 :]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1], argv[:i] + argv[i + 1 :]
+    return None, argv
+
+
+def apply_config(parser: HfArgumentParser, path: str) -> None:
+    """A run.yaml's values become the parser's defaults, so that the command line still wins. Values keep their
+    YAML types (null is None, a mapping stays a dict: lr_scheduler_kwargs); strings go through the argument's
+    own type (PyYAML reads 2e-4 as a string, which becomes the float); one value where a list is expected (one
+    train_file) becomes a list of it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = yaml.safe_load(f)
+    except OSError as e:
+        raise ValueError(f"--config {path}: {e.strerror or e}") from e
+    except yaml.YAMLError as e:
+        raise ValueError(f"--config {path}: not YAML ({str(e).splitlines()[0]})") from e
+    if config is None:
+        return
     if not isinstance(config, dict):
-        raise ValueError(f"{path}: expected a mapping of argument names to values")
-    argv: list[str] = []
+        raise ValueError(f"--config {path}: expected a mapping of argument names to values")
+    actions = {a.dest: a for a in parser._actions}
+    unknown = [k for k in config if k not in actions or k == "help"]
+    if unknown:
+        raise ValueError(f"--config {path}: unknown argument(s): {', '.join(map(str, unknown))}")
     for key, value in config.items():
-        argv.append(f"--{key}")
-        if isinstance(value, list):
-            argv.extend(str(v) for v in value)
-        else:
-            argv.append(str(value))
-    return argv
+        if actions[key].nargs in ("+", "*") and not isinstance(value, list) and value is not None:
+            config[key] = [value]
+    parser.set_defaults(**config)
 
 
 def cpu_distributed(argv: list[str]) -> list[str]:
@@ -148,15 +245,17 @@ def cpu_distributed(argv: list[str]) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainArguments]:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--config" in argv:
-        i = argv.index("--config")
-        if i + 1 >= len(argv):
-            raise ValueError("--config needs a YAML file")
-        argv = yaml_to_argv(argv[i + 1]) + argv[:i] + argv[i + 2 :]
-    model_args, data_args, training_args = make_parser().parse_args_into_dataclasses(
-        args=cpu_distributed(argv)
-    )
+    config, argv = split_config(list(sys.argv[1:] if argv is None else argv))
+    parser = make_parser()
+    if "-h" in argv or "--help" in argv:
+        print(short_help(parser))
+        raise SystemExit(0)
+    if "--help_all" in argv:
+        parser.print_help()
+        raise SystemExit(0)
+    if config:
+        apply_config(parser, config)
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=cpu_distributed(argv))
     if not data_args.train_file:
         raise ValueError("--train_file is required (one or more .json/.jsonl files or directories)")
     return model_args, data_args, training_args
@@ -642,6 +741,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    warning = position_warning(base_model(model).config, data_args.max_seq_length, train.stats.lengths)
+    if warning:
+        log(warning)
     run_args = {
         "model": dataclasses.asdict(model_args),
         # closing_tokens: the ends of turn the data trained, where inference stops too

@@ -139,23 +139,40 @@ def test_invalid_utf8_on_line_3_is_reported_on_line_3(tmp_path: Path) -> None:
     ]
 
 
-def test_invalid_utf8_in_json_array_reports_its_line(tmp_path: Path) -> None:
-    path = write(tmp_path, "x.json", b'[\n  {"a": 1},\n  {"a": "\xc3("}\n]\n')
+def test_invalid_utf8_in_json_array_loses_only_its_element(tmp_path: Path) -> None:
+    path = write(tmp_path, "x.json", b'[\n  {"a": 1},\n  {"a": "\xc3("},\n  {"a": 3}\n]\n')
     assert list(read_records(path)) == [
-        Problem(str(path), 3, "(utf-8)", "invalid UTF-8 byte 0xc3 at byte 10 of the line")
+        (1, {"a": 1}),
+        Problem(str(path), 2, "(utf-8)", "invalid UTF-8 byte 0xc3 (line 3 column 10 of the file)"),
+        (3, {"a": 3}),
     ]
 
 
-def test_broken_json_array_is_one_problem_at_the_error_line(tmp_path: Path) -> None:
-    path = write(tmp_path, "x.json", '[\n  {"a": 1},\n  {"a": 2,}\n]\n')
+def test_broken_element_of_a_json_array_is_one_problem_and_the_others_are_read(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "x.json",
+        '[\n  {"a": 1},\n  {"a": 2,},\n  {"a": "x, ] {"},\n  {"b": [1, 2} ,\n  {"a": 5},\n  {"a": 6}\n  {"a": 7},\n'
+        "  8\n]\n",
+    )
     assert list(read_records(path)) == [
+        (1, {"a": 1}),
         Problem(
-            str(path),
-            3,
-            "(json)",
-            "invalid JSON: Expecting property name enclosed in double quotes (column 11)",
-        )
-    ]
+            str(path), 2, "(json)",
+            "invalid JSON: Expecting property name enclosed in double quotes (line 3 column 11 of the file)",
+        ),
+        (3, {"a": "x, ] {"}),  # brackets and commas inside a string do not end an element
+        Problem(str(path), 4, "(json)", "invalid JSON: Expecting ',' delimiter (line 5 column 14 of the file)"),
+        (5, {"a": 5}),
+        (6, {"a": 6}),
+        Problem(str(path), 7, "(json)", "invalid JSON: expected ',' or ']' before it (line 8 column 11 of the file)"),
+        (8, 8),
+    ]  # fmt: skip
+    unclosed = write(tmp_path, "y.json", '[{"a": 1}, {"a": 2')
+    assert list(read_records(unclosed)) == [
+        (1, {"a": 1}),
+        Problem(str(unclosed), 2, "(json)", "invalid JSON: Expecting ',' delimiter (line 1 column 19 of the file)"),
+    ]  # fmt: skip
 
 
 def test_problem_string_format() -> None:
@@ -246,12 +263,11 @@ def test_file_without_any_object_record(tmp_path: Path) -> None:
     assert loaded.records_read == 3
 
 
-def test_empty_file_has_no_records(tmp_path: Path) -> None:
-    path = write(tmp_path, "x.jsonl", "\n\n")
-    lines: list[str] = []
-    loaded = load_conversations([str(path)], log=lines.append)
-    assert lines == [f"{path}: no records"]
-    assert loaded == LoadedData(records=[], problems=[], formats={}, records_read=0)
+@pytest.mark.parametrize("content", ["", "\n\n", "[]", " [ ] \n"])
+def test_a_file_without_records_is_an_error(tmp_path: Path, content: str) -> None:
+    path = write(tmp_path, "x.json", content)
+    with pytest.raises(DataFileError, match=f"^{path}: no records in this file"):
+        load_conversations([str(path)], log=lambda _m: None)
 
 
 def test_given_format_is_used_for_every_record(tmp_path: Path) -> None:

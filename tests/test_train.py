@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from toy import CHATS, make_tokenizer, many_chats, openai_jsonl, save_tiny_model
 from transformers import AutoModelForCausalLM
 
-from chatft.train import main
+from chatft.train import main, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -219,6 +219,88 @@ def test_config_yaml_with_command_line_overriding(tiny_model, data_file, tmp_pat
     )
     assert main(["--config", str(cfg), "--max_steps", "2"]) == 0
     assert sorted(logged_losses(out)) == [1, 2]
+
+
+def test_config_yaml_keeps_yaml_types_and_the_command_line_wins(tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        "train_file: a.json\nlearning_rate: 2e-4\ntemplate: null\nlr_scheduler_type: cosine_with_min_lr\n"
+        "lr_scheduler_kwargs: {min_lr: 1.0e-5}\nmax_steps: 5\npacking: false\n"
+    )
+    model_args, data_args, training_args = parse_args([f"--config={cfg}", "--max_steps", "2"])
+    assert data_args.train_file == ["a.json"]  # one file where a list is expected
+    assert (
+        training_args.learning_rate == 2e-4
+    )  # PyYAML reads 2e-4 as a string: the argument's type converts it
+    assert model_args.template is None  # null, not the string "None"
+    assert training_args.lr_scheduler_kwargs == {"min_lr": 1e-5}
+    assert training_args.max_steps == 2 and data_args.packing is False
+    cfg.write_text("train_file: [a.json]\nlerning_rate: 1\n")
+    assert main(["--config", str(cfg)]) == 2
+    assert "unknown argument(s): lerning_rate" in capsys.readouterr().err
+    cfg.write_text("- a\n- b\n")
+    assert main(["--config", str(cfg)]) == 2
+    assert "expected a mapping" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--max_seq_length", "0"], "--max_seq_length must be a positive number of tokens, not 0"),
+        (["--max_target_length", "-3"], "--max_target_length must be a positive number of tokens, not -3"),
+    ],
+)
+def test_bad_lengths_are_usage_errors(tmp_path, capsys, extra, message):
+    assert main(["--train_file", "x.json", "--output_dir", str(tmp_path), *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_length_above_the_models_positions_is_warned_about(tiny_model, data_file, tmp_path, capsys):
+    assert run(tiny_model, data_file, tmp_path / "o", "--max_steps", "1", "--max_seq_length", "4096") == 0
+    assert (
+        "warning: --max_seq_length 4096 is above the model's max_position_embeddings 2048: 0 example(s) are "
+        "longer than 2048 tokens" in capsys.readouterr().out
+    )
+    assert run(tiny_model, data_file, tmp_path / "p", "--max_steps", "1", "--max_seq_length", "2048") == 0
+    assert "max_position_embeddings" not in capsys.readouterr().out
+
+
+def test_a_plain_lora_run_prints_no_library_noise(tiny_model, data_file, tmp_path):
+    """bitsandbytes (imported through peft) and DeepSpeed log warnings on import that ask nothing of the user."""
+    cmd = [sys.executable, str(ROOT / "finetune.py"), "--model_name_or_path", tiny_model, "--train_file", data_file,
+           "--output_dir", str(tmp_path / "o"), "--max_steps", "1", "--report_to", "none"]  # fmt: skip
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    printed = r.stdout + r.stderr
+    assert "model saved to" in printed  # the run's own lines are there
+    for noise in ("gemm_4bit_forward", "kernels-community", "Setting accelerator to CPU"):
+        assert noise not in printed
+    help_text = subprocess.run(
+        [sys.executable, str(ROOT / "finetune.py"), "--help"], capture_output=True, text=True
+    )
+    assert help_text.stdout.startswith("usage: finetune.py") and help_text.stderr == ""
+
+
+def test_help_shows_chatfts_arguments_and_the_common_trainer_ones_and_help_all_everything(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    short = capsys.readouterr().out
+    assert e.value.code == 0 and len(short.splitlines()) < 250
+    for group in (
+        "model and method:",
+        "data:",
+        "training: steps and batches:",
+        "training: precision and memory:",
+    ):
+        assert group in short
+    for name in ("--method", "--train_file", "--packing", "--learning_rate", "--per_device_train_batch_size",
+                 "--deepspeed", "--resume_from_checkpoint", "--bf16", "--seed", "--output_dir", "--save_steps"):  # fmt: skip
+        assert f"\n  {name} " in short, name
+    assert "--fsdp" not in short and "--help_all" in short
+    with pytest.raises(SystemExit):
+        main(["--help_all"])
+    everything = capsys.readouterr().out
+    assert "--fsdp" in everything and len(everything.splitlines()) > 2 * len(short.splitlines())
 
 
 def test_invalid_data_stops_before_the_model_is_loaded(tmp_path, capsys):

@@ -31,6 +31,20 @@ def report_lines(prepared: PreparedData, tokenizer: PreTrainedTokenizerBase) -> 
     return lines
 
 
+def position_warning(model_config, max_seq_length: int, lengths: list[int]) -> str | None:
+    """A warning when --max_seq_length is above the model's max_position_embeddings (None otherwise)."""
+    limit = getattr(
+        getattr(model_config, "text_config", None) or model_config, "max_position_embeddings", None
+    )
+    if not limit or max_seq_length <= limit:
+        return None
+    longer = sum(1 for n in lengths if n > limit)
+    return (
+        f"warning: --max_seq_length {max_seq_length} is above the model's max_position_embeddings {limit}: "
+        f"{longer} example(s) are longer than {limit} tokens, positions the model was never trained on"
+    )
+
+
 def write_dump(prepared: PreparedData, path: str) -> None:
     """One JSON object per kept example: its file, its record number in that file, input_ids and labels."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -98,6 +112,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     print("\n".join(report_lines(prepared, tokenizer)))
+    if (Path(args.model) / "config.json").is_file():
+        from transformers import AutoConfig
+
+        warning = position_warning(
+            AutoConfig.from_pretrained(args.model), args.max_seq_length, prepared.stats.lengths
+        )
+        if warning:
+            print(warning)
     if args.dump:
         write_dump(prepared, args.dump)
         print(f"wrote {len(prepared.dataset)} examples to {args.dump}")

@@ -414,9 +414,40 @@ def _load_cached(folder: Path, log: Callable[[str], None]) -> PreparedData | Non
 def sanity_check_lines(
     input_ids: list[int], labels: list[int], tokenizer: PreTrainedTokenizerBase
 ) -> list[str]:
-    """ChatGLM3's Sanity Check: one line per token, its text, id and label (-100: not trained)."""
+    """ChatGLM3's Sanity Check: each token's text, id and label (-100: not trained), one line per token; where
+    a byte-level tokenizer (SmolLM2, Qwen, Llama-3) splits a character over several tokens, one line for the
+    smallest run of tokens that decodes to whole characters, with all of its ids and labels. A run only partly
+    trained (which the label rule never makes) is marked."""
     lines = ["Sanity Check >>>>>>>>>>>>>"]
-    for t, label in zip(input_ids, labels, strict=True):
-        lines.append(f"{tokenizer.decode([t])!r:>20}: {t:6d} -> {label:6d}")
+    for start, stop in character_runs(input_ids, tokenizer):
+        ids, labs = input_ids[start:stop], labels[start:stop]
+        text = repr(tokenizer.decode(ids))
+        if len(ids) == 1:
+            lines.append(f"{text:>20}: {ids[0]:6d} -> {labs[0]:6d}")
+            continue
+        trained = [label != IGNORE_INDEX for label in labs]
+        mark = "   <- partly trained!" if any(trained) and not all(trained) else ""
+        lines.append(
+            f"{text:>20}: {', '.join(map(str, ids))} -> {', '.join(str(label) for label in labs)}{mark}"
+        )
     lines.append("<<<<<<<<<<<<< Sanity Check")
     return lines
+
+
+MAX_RUN = 8  # a run that does not decode whole after this many tokens (invalid bytes) is shown as it is
+
+
+def character_runs(input_ids: list[int], tokenizer: PreTrainedTokenizerBase) -> list[tuple[int, int]]:
+    """[start, stop) of the smallest runs of tokens that each decode to whole characters (no U+FFFD)."""
+    runs, start = [], 0
+    while start < len(input_ids):
+        stop = start + 1
+        while (
+            stop < len(input_ids)
+            and stop - start < MAX_RUN
+            and "\ufffd" in tokenizer.decode(input_ids[start:stop])
+        ):
+            stop += 1
+        runs.append((start, stop))
+        start = stop
+    return runs

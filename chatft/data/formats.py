@@ -13,6 +13,7 @@ Formats (see `FORMAT_NAMES`):
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,19 +118,123 @@ def _read_json_lines(name: str, data: bytes) -> Iterator[tuple[int, Any] | Probl
 def _read_json_array(name: str, data: bytes) -> Iterator[tuple[int, Any] | Problem]:
     try:
         text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line_start = data.rfind(b"\n", 0, e.start) + 1
-        yield _utf8_problem(name, data.count(b"\n", 0, e.start) + 1, data[line_start:], e.start - line_start)
+    except UnicodeDecodeError:  # read element by element: only the elements holding the bad bytes are lost
+        yield from _scan_json_array(name, data.decode("utf-8", "surrogateescape"))
         return
     try:
         values = json.loads(text)
-    except json.JSONDecodeError as e:
-        yield Problem(name, e.lineno, "(json)", _json_message(e))
-        return
-    except (ValueError, RecursionError) as e:  # e.g. an integer with too many digits, nesting too deep
-        yield Problem(name, 1, "(json)", _json_message(e))
+    except (ValueError, RecursionError):  # located element by element: only the broken ones are lost
+        yield from _scan_json_array(name, text)
         return
     yield from enumerate(values, start=1)
+
+
+_BAD_BYTE = re.compile("[\udc80-\udcff]")  # a byte that is not UTF-8, as surrogateescape decodes it
+
+
+def _scan_json_array(name: str, text: str) -> Iterator[tuple[int, Any] | Problem]:
+    """The elements of a JSON array one at a time: each broken element is a Problem (numbered by element, its
+    line in the file in the message) and the reading goes on after it, at the next top-level comma."""
+    decoder = json.JSONDecoder()
+    pos, n = text.index("[") + 1, 0
+    while True:
+        pos = _skip_space(text, pos)
+        if pos >= len(text):
+            yield Problem(
+                name, n + 1, "(json)", f"invalid JSON: the array is not closed ({_where(text, pos)})"
+            )
+            return
+        if text[pos] == "]" and n == 0:
+            return
+        n += 1
+        start = pos
+        try:
+            value, pos = decoder.raw_decode(text, pos)
+        except (ValueError, RecursionError) as e:
+            at = e.pos if isinstance(e, json.JSONDecodeError) else start
+            message = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+            yield Problem(name, n, "(json)", f"invalid JSON: {message} ({_where(text, at)})")
+            pos = _resync(decoder, text, max(at, start))
+            if pos >= len(text):  # nothing readable after it: reported once, as this element
+                return
+        else:
+            bad = _BAD_BYTE.search(text, start, pos)
+            if bad:
+                byte = ord(bad.group()) - 0xDC00
+                yield Problem(
+                    name, n, "(utf-8)", f"invalid UTF-8 byte 0x{byte:02x} ({_where(text, bad.start())})"
+                )
+            else:
+                yield n, value
+        pos = _skip_space(text, pos)
+        if pos < len(text) and text[pos] == "]":
+            return
+        if pos < len(text) and text[pos] == ",":
+            pos += 1
+            continue
+        if pos < len(text):  # two elements with no comma between them: the next one is reported as broken
+            pos = _element_end(text, pos)
+            n += 1
+            yield Problem(
+                name, n, "(json)", f"invalid JSON: expected ',' or ']' before it ({_where(text, pos)})"
+            )
+            if pos < len(text) and text[pos] == ",":
+                pos += 1
+
+
+def _skip_space(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+def _resync(decoder: json.JSONDecoder, text: str, after: int) -> int:
+    """Where the next element begins after a broken one: the first comma after the error that is followed by a
+    whole JSON value and then a comma or the closing bracket (or the end of the text, when there is none)."""
+    comma = text.find(",", after)
+    while comma != -1:
+        try:
+            _, end = decoder.raw_decode(text, _skip_space(text, comma + 1))
+        except (ValueError, RecursionError):
+            pass
+        else:
+            following = _skip_space(text, end)
+            if following < len(text) and text[following] in ",]":
+                return comma
+        comma = text.find(",", comma + 1)
+    return len(text)
+
+
+def _element_end(text: str, start: int) -> int:
+    """The index of the comma or bracket that ends the element starting at start (outside strings, at its own
+    nesting depth), or the end of the text."""
+    depth, in_string, escaped = 0, False, False
+    for i in range(start, len(text)):
+        c = text[i]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == '"':
+                in_string = False
+        elif c == '"':
+            in_string = True
+        elif c in "[{":
+            depth += 1
+        elif c in "]}":
+            if depth == 0:
+                return i
+            depth -= 1
+        elif c == "," and depth == 0:
+            return i
+    return len(text)
+
+
+def _where(text: str, pos: int) -> str:
+    line = text.count("\n", 0, pos) + 1
+    column = pos - text.rfind("\n", 0, pos)
+    return f"line {line} column {column} of the file"
 
 
 def _utf8_problem(name: str, line: int, raw: bytes, offset: int) -> Problem:
@@ -165,8 +270,7 @@ def load_file(
     """Add one file's records (as read_records gives them) to `loaded`, with the format given or detected."""
     loaded.records_read += len(items)
     if not items:
-        log(f"{name}: no records")
-        return
+        raise DataFileError(f"{name}: no records in this file (empty, blank lines only, or [])")
     first = next(
         (item for item in items if not isinstance(item, Problem) and isinstance(item[1], dict)), None
     )

@@ -1,4 +1,5 @@
-"""Fixtures shared by test modules: the served tiny models and a server running them (tests/test_serve*.py)."""
+"""Fixtures shared by the test modules: one torch thread; the served tiny models and a server running them
+(tests/test_serve*.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,16 @@ import torch
 from toy import save_byte_model
 
 from chatft.data.schema import Conversation, Message, ToolCall
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """A tiny model gains nothing from threads, and on a busy 2-core machine they wait on each other (20x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 WEATHER_TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"city": "string"}}}]
 BASE = "la " * 80  # what the base byte model answers (more or less) to anything: long enough to be cut

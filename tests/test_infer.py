@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from toy import byte_tokenizer, make_tokenizer, save_tiny_model
 
 from chatft.data.schema import Conversation, Message
@@ -60,12 +59,8 @@ def tiny_model(folder: Path, hidden: int = 64, layers: int = 2) -> Path:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """A tiny model gains nothing from threads, and on a busy 2-core machine they wait on each other (20x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def single_thread(one_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 PREFIX_LR = ["--learning_rate", "1e-1"]  # a prefix learns slower than LoRA or full weights

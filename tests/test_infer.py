@@ -127,11 +127,10 @@ def test_prompt_mode_prints_the_answer(runs, capsys):
     assert "loaded LoRA adapter" in err and "stops at <|im_end|>;" in err  # ChatML's one end of turn
 
 
+@pytest.mark.real_model  # the default model folder is prepared by scripts/get_demo_model.sh
 def test_default_model_is_announced():
     said = []
-    ckpt = loading.resolve_checkpoint(None, say=said.append) if DEFAULT_MODEL_DIR.is_dir() else None
-    if ckpt is None:
-        pytest.skip("the default model is not prepared")
+    ckpt = loading.resolve_checkpoint(None, say=said.append)
     assert ckpt.model_path == str(DEFAULT_MODEL_DIR) and ckpt.kind == "base"
     assert said == [f"--model not given: using the default model {DEFAULT_MODEL_DIR}"]
 
@@ -451,8 +450,6 @@ def test_bad_checkpoints_are_one_error_line_and_exit_2(runs, tmp_path, capsys):
 
 
 @pytest.mark.real_model
-@pytest.mark.skipif(not DEFAULT_MODEL_DIR.is_dir(), reason="run scripts/get_demo_model.sh first")
-@pytest.mark.skipif(not ADVERTISE_DEV.is_file(), reason="../shared/data is not there")
 def test_real_model_batch_prediction_and_eval_on_advertisegen(tmp_path):
     lines = ADVERTISE_DEV.read_text(encoding="utf-8").splitlines()[:4]
     data = tmp_path / "dev4.json"
@@ -481,7 +478,6 @@ def test_real_model_batch_prediction_and_eval_on_advertisegen(tmp_path):
 
 
 @pytest.mark.real_model
-@pytest.mark.skipif(not DEFAULT_MODEL_DIR.is_dir(), reason="run scripts/get_demo_model.sh first")
 def test_real_model_chat_through_a_pipe():
     cmd = [sys.executable, str(ROOT / "inference.py"), "--max_new_tokens", "16", "--show_prompt"]
     r = subprocess.run(
@@ -542,7 +538,6 @@ def test_chat_and_batch_prediction_cut_by_the_cap_end_on_a_whole_character(
 
 
 @pytest.mark.real_model
-@pytest.mark.skipif(not DEFAULT_MODEL_DIR.is_dir(), reason="run scripts/get_demo_model.sh first")
 def test_real_tokenizer_pieces_and_cut_answers_hold_whole_characters():
     """SmolLM2's byte-level BPE splits CJK characters over tokens: every cut of an answer decodes to whole
     characters, streamed or not."""

@@ -29,6 +29,7 @@ import datasets
 import torch
 import yaml
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments, Trainer, TrainerCallback, set_seed
+from transformers.integrations import TensorBoardCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
 from chatft.args import RUN_ARGS_FILE, DataArguments, ModelArguments
@@ -38,7 +39,7 @@ from chatft.data.dataset import PreparedData, prepare_data
 from chatft.data.formats import DataFileError, load_conversations
 from chatft.data.templates import IGNORE_INDEX, TemplateError, get_template
 from chatft.inference.evaluation import generation_scores
-from chatft.loss import DEFAULT_CHUNK_SIZE, causal_lm_loss, unsupported_reason
+from chatft.loss import DEFAULT_CHUNK_SIZE, causal_lm_loss, unsupported_reason, zero3_enabled
 from chatft.methods import (
     PREFIX_ENCODER_FILE,
     load_model,
@@ -54,6 +55,7 @@ from chatft.packing import (
     register_packed_sdpa,
 )
 from chatft.plot import plot_loss
+from chatft.samples import SampleAnswers, base_model, generating, read_sample_prompts
 
 DEFAULT_CACHE_DIR = "~/.cache/chatft/preprocessed"
 
@@ -113,6 +115,17 @@ class TrainArguments(Seq2SeqTrainingArguments):
             "(bench/RESULTS.md). 0: glibc's default. Ignored where MALLOC_MMAP_THRESHOLD_ is set."
         },
     )
+    sample_prompts: str | None = field(
+        default=None,
+        metadata={
+            "help": "A few prompts (a .txt file, one per line, or a data file in any training format: each "
+            "record's conversation up to its last answer) answered greedily at every evaluation and save and at "
+            "the end, printed and written to OUTPUT_DIR/samples.jsonl (and TensorBoard when it is on)."
+        },
+    )
+    sample_max_new_tokens: int = field(
+        default=64, metadata={"help": "--sample_prompts: longest sample answer in tokens."}
+    )
     group_by_length: bool = field(
         default=True,
         metadata={
@@ -140,7 +153,7 @@ HELP_GROUPS = {
     "optimization": ["learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm", "optim"],
     "logging, saving, evaluation": ["logging_steps", "save_steps", "save_total_limit", "eval_strategy", "eval_steps",
                                     "per_device_eval_batch_size", "predict_with_generate", "generation_max_length",
-                                    "report_to"],
+                                    "sample_prompts", "sample_max_new_tokens", "report_to"],
     "precision and memory": ["bf16", "fp16", "use_cpu", "activation_checkpointing", "chunked_loss",
                              "malloc_mmap_threshold", "deepspeed"],
     "resume and seed": ["resume_from_checkpoint", "seed", "data_seed"],
@@ -430,11 +443,6 @@ def training_datasets(
     return train_set, evaluation.dataset.select_columns(columns) if evaluation else None
 
 
-def base_model(model):
-    """The transformers model under a peft wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def packed_attention(model, attn_implementation: str, log) -> str:
     """The attention a packed run uses: sdpa becomes chatft's packed sdpa (one causal sdpa call per example, no
     block-diagonal mask over the row; chatft.packing), the others stay (their isolation comes from the position
@@ -597,19 +605,32 @@ def generation_eval_for(
     max_new_tokens = training_args.generation_max_length or 128
 
     def scores(model) -> dict[str, float]:
-        base = base_model(model)
-        training_attention, training = base.config._attn_implementation, model.training
-        base.set_attn_implementation(attention)  # packing's own sdpa is for training rows
-        model.eval()
-        try:
+        with generating(model, attention):
             return generation_scores(
                 model, tokenizer, template, records, max_new_tokens, training_args.per_device_eval_batch_size
             )
-        finally:
-            base.set_attn_implementation(training_attention)
-            model.train(training)
 
     return scores
+
+
+def add_sample_answers(trainer, samples, model_args, training_args, tokenizer, attention: str, log) -> None:
+    """--sample_prompts: the SampleAnswers callback, writing to the Trainer's TensorBoard when it has one."""
+    if zero3_enabled():
+        log("--sample_prompts: skipped under DeepSpeed ZeRO-3 (the weights are split over the processes)")
+        return
+    chat = model_args.template is not None or any(not conv.raw for conv, _ in samples)
+    template = get_template(model_args.template, tokenizer) if chat else None
+    callback = SampleAnswers(
+        samples, tokenizer, template, attention, training_args.sample_max_new_tokens, log
+    )
+
+    def tensorboard():
+        found = [c for c in trainer.callback_handler.callbacks if isinstance(c, TensorBoardCallback)]
+        return getattr(found[0], "tb_writer", None) if found else None
+
+    callback.tensorboard = tensorboard
+    trainer.add_callback(callback)
+    log(f"--sample_prompts: {len(samples)} prompt(s) answered at every evaluation and save and at the end")
 
 
 def data_refused(prepared: PreparedData, data_args: DataArguments) -> str | None:
@@ -712,6 +733,7 @@ def main(argv: list[str] | None = None) -> int:
         training_args.dataloader_pin_memory = False  # nothing to pin for; torch would warn at every epoch
     try:
         tokenizer = load_tokenizer(model_args)
+        samples = read_sample_prompts(training_args.sample_prompts) if training_args.sample_prompts else None
         with training_args.main_process_first(desc="preprocessing"):
             train = load_split("train", data_args.train_file, data_args, model_args, tokenizer, log)
             evaluation = (
@@ -719,7 +741,7 @@ def main(argv: list[str] | None = None) -> int:
                 if data_args.eval_file
                 else None
             )
-    except (DataFileError, TemplateError, ValueError) as e:
+    except (DataFileError, TemplateError, ValueError) as e:  # InferError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
     for prepared in (train, evaluation):
@@ -770,6 +792,8 @@ def main(argv: list[str] | None = None) -> int:
         loss_chunk_size=training_args.loss_chunk_size,
         generation_eval=generation_eval_for(model_args, data_args, training_args, tokenizer, own),
     )
+    if samples:
+        add_sample_answers(trainer, samples, model_args, training_args, tokenizer, own, log)
     try:
         trainer.train(resume_from_checkpoint=resume)
     except PackingError as e:

@@ -119,7 +119,8 @@ def write_data(path: Path, copies: int) -> Path:
 def train(base: Path, data: Path, out: Path, *extra: str) -> Path:
     argv = ["--model_name_or_path", str(base), "--train_file", str(data), "--output_dir", str(out),
             "--per_device_train_batch_size", "2", "--report_to", "none", "--seed", "0", "--logging_steps", "1",
-            "--save_strategy", "no", "--dataloader_num_workers", "0", "--preprocessing_cache", "False", *extra]  # fmt: skip
+            "--save_strategy", "no", "--dataloader_num_workers", "0", "--preprocessing_cache", "False",
+            "--precision", "fp32", *extra]  # fmt: skip
     assert train_main(argv) == 0
     return out
 

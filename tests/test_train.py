@@ -31,11 +31,15 @@ def data_file(tmp_path_factory) -> str:
     return str(f)
 
 
+# exact comparisons hold in fp32; --precision auto would pick bf16 on a CPU that multiplies it faster
+FP32 = ["--precision", "fp32"]
+
+
 def run(tiny_model, data_file, out, *extra) -> int:
     argv = [
         "--model_name_or_path", tiny_model, "--train_file", data_file, "--output_dir", str(out),
         "--per_device_train_batch_size", "2", "--learning_rate", "1e-2", "--logging_steps", "1",
-        "--report_to", "none", "--seed", "42", "--dataloader_num_workers", "0", *extra,
+        "--report_to", "none", "--seed", "42", "--dataloader_num_workers", "0", *FP32, *extra,
     ]  # fmt: skip
     return main(argv)
 
@@ -166,7 +170,8 @@ def test_a_killed_run_resumes_to_the_same_losses_and_weights(tiny_model, many_fi
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     assert run(tiny_model, many_file, whole, *common) == 0
     argv = ["--model_name_or_path", tiny_model, "--train_file", many_file, "--output_dir", str(killed),
-            "--logging_steps", "1", "--report_to", "none", "--seed", "42", "--dataloader_num_workers", "0", *common]  # fmt: skip
+            "--logging_steps", "1", "--report_to", "none", "--seed", "42", "--dataloader_num_workers", "0", *FP32,
+            *common]  # fmt: skip
     r = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "killed_run.py"), "5", *argv],
         capture_output=True, text=True, cwd=ROOT, timeout=300,
@@ -387,7 +392,7 @@ def test_two_processes_of_batch_2_train_as_one_process_of_batch_4(
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
         str(ROOT / "finetune.py"), "--model_name_or_path", tiny_model, "--train_file", many_file,
         "--output_dir", str(two), "--per_device_train_batch_size", "2", "--logging_steps", "1", "--report_to", "none",
-        "--seed", "42", "--dataloader_num_workers", "0", *common,
+        "--seed", "42", "--dataloader_num_workers", "0", *FP32, *common,
     ]  # fmt: skip
     if deepspeed:
         cmd += ["--deepspeed", str(ROOT / "configs" / deepspeed)]

@@ -94,7 +94,9 @@ def test_ruozhiba_quickstart_reduced(tmp_path):
     # the Sanity Check reads on ruozhiba's Chinese: one line per character, never a lone byte
     check = stdout[stdout.index("Sanity Check >>>") : stdout.index("<<< Sanity Check")]
     assert re.search(r"'[\u4e00-\u9fff]': \d+, \d+(, \d+)? -> ", check) and "\ufffd" not in check
-    samples = [json.loads(line) for line in (tmp_path / "qs" / "lora" / "samples.jsonl").read_text().splitlines()]
+    samples = [
+        json.loads(line) for line in (tmp_path / "qs" / "lora" / "samples.jsonl").read_text().splitlines()
+    ]
     assert [s["step"] for s in samples] == [2, 2] and "sample answers at step 2:" in stdout
 
 

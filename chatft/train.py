@@ -20,6 +20,7 @@ Why these defaults: bench/RESULTS.md (measured on this project's CPU).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import sys
@@ -449,11 +450,20 @@ def training_datasets(
     return train_set, evaluation.dataset.select_columns(columns) if evaluation else None
 
 
-def packed_attention(model, attn_implementation: str, log) -> str:
-    """The attention a packed run uses: sdpa becomes chatft's packed sdpa (one causal sdpa call per example, no
-    block-diagonal mask over the row; chatft.packing), the others stay (their isolation comes from the position
-    ids: eager and flex get a block mask, flash its varlen kernel)."""
+def packed_attention(model, attn_implementation: str, log, cuda: bool = False) -> str:
+    """The attention a packed run uses when the model's is sdpa. On the CPU, chatft's packed sdpa: one causal sdpa
+    call per example, no block-diagonal mask over the row (chatft.packing); its boundaries are read on the host,
+    which suits the CPU. On a GPU, flash attention's varlen kernel where flash-attn is installed (the collator
+    flattens the batch and passes cu_seqlens), else transformers' sdpa with the block-diagonal mask it builds from
+    the position ids. Other attentions stay: eager and flex get a block mask, flash its varlen kernel."""
     if (attn_implementation or "sdpa") != "sdpa":
+        return attn_implementation
+    if cuda:
+        if importlib.util.find_spec("flash_attn") is not None:
+            base_model(model).set_attn_implementation("flash_attention_2")
+            log("packing: flash attention 2, varlen over the flattened batch (no padding, no mask)")
+            return "flash_attention_2"
+        log("packing: torch sdpa with a block-diagonal mask built from the position ids (no flash-attn here)")
         return attn_implementation
     name = register_packed_sdpa()
     base_model(model).set_attn_implementation(name)
@@ -783,7 +793,7 @@ def main(argv: list[str] | None = None) -> int:
     train_set, eval_set = training_datasets(train, evaluation, packing, data_args, training_args, log)
     own = attn = base_model(model).config._attn_implementation  # as loaded: the model's choice or the user's
     if packing:
-        attn = packed_attention(model, own, log)
+        attn = packed_attention(model, own, log, torch.cuda.is_available() and not training_args.use_cpu)
         collator = PackedCollator.for_backend(tokenizer.pad_token_id, attn)
     else:
         collator = PadCollator(tokenizer.pad_token_id)

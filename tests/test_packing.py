@@ -336,3 +336,18 @@ def test_malloc_threshold_is_left_alone_unless_asked(monkeypatch):
     assert not set_malloc_mmap_threshold(0)  # the default: glibc's own behaviour
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     assert not set_malloc_mmap_threshold(1 << 20)  # the environment's choice wins
+
+
+def test_packed_attention_on_a_gpu_is_flash_varlen_or_masked_sdpa(monkeypatch):
+    """No GPU here: the choice alone (CPU: chatft's per-example sdpa, whose host-side boundaries suit the CPU)."""
+    import importlib.util
+
+    from chatft.train import packed_attention
+
+    said = []
+    model = tiny_model("sdpa")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert packed_attention(model, "sdpa", said.append, cuda=True) == "sdpa" and "block-diagonal mask" in said[-1]
+    assert packed_attention(model, "eager", said.append, cuda=True) == "eager"
+    assert packed_attention(model, "sdpa", said.append, cuda=False) == PACKED_SDPA
+    assert model.config._attn_implementation == PACKED_SDPA

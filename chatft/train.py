@@ -54,6 +54,7 @@ from chatft.packing import (
     register_packed_sdpa,
 )
 from chatft.plot import plot_loss
+from chatft.preference import requested_stage
 
 DEFAULT_CACHE_DIR = "~/.cache/chatft/preprocessed"
 
@@ -147,9 +148,9 @@ HELP_GROUPS = {
 }  # fmt: skip
 
 
-def short_help(parser: HfArgumentParser) -> str:
-    """--help: chatft's arguments (model and method, data) and the Trainer arguments of HELP_GROUPS, each with its
-    help and default as the full parser has them."""
+def short_help(parser: HfArgumentParser, extra_groups: dict[str, list[str]] | None = None) -> str:
+    """--help: chatft's arguments (model and method, data, and extra_groups) and the Trainer arguments of
+    HELP_GROUPS, each with its help and default as the full parser has them."""
     import argparse
 
     actions: dict = {}
@@ -166,6 +167,7 @@ def short_help(parser: HfArgumentParser) -> str:
     groups = {
         "model and method": [f.name for f in dataclasses.fields(ModelArguments)],
         "data": [f.name for f in dataclasses.fields(DataArguments)],
+        **(extra_groups or {}),
         **{f"training: {title}": names for title, names in HELP_GROUPS.items()},
     }
     for title, names in groups.items():
@@ -244,21 +246,27 @@ def cpu_distributed(argv: list[str]) -> list[str]:
     return argv if "--use_cpu" in argv else [*argv, "--use_cpu", "True"]
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainArguments]:
+def parse_args(
+    argv: list[str] | None = None,
+    parser: HfArgumentParser | None = None,
+    extra_help: dict[str, list[str]] | None = None,
+) -> tuple:
+    """(ModelArguments, DataArguments, TrainArguments), or the dataclasses of another parser (preference
+    tuning's), from the command line and --config."""
     config, argv = split_config(list(sys.argv[1:] if argv is None else argv))
-    parser = make_parser()
+    parser = parser or make_parser()
     if "-h" in argv or "--help" in argv:
-        print(short_help(parser))
+        print(short_help(parser, extra_help))
         raise SystemExit(0)
     if "--help_all" in argv:
         parser.print_help()
         raise SystemExit(0)
     if config:
         apply_config(parser, config)
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=cpu_distributed(argv))
-    if not data_args.train_file:
+    parsed = parser.parse_args_into_dataclasses(args=cpu_distributed(argv))
+    if not parsed[1].train_file:
         raise ValueError("--train_file is required (one or more .json/.jsonl files or directories)")
-    return model_args, data_args, training_args
+    return parsed
 
 
 def load_split(
@@ -700,6 +708,10 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if requested_stage(list(sys.argv[1:] if argv is None else argv)) != "sft":
+        from chatft.preference.train import main as preference_main
+
+        return preference_main(argv)
     try:
         model_args, data_args, training_args = parse_args(argv)
     except ValueError as e:

@@ -149,11 +149,12 @@ def _seam_problem(chosen_prompt: list[int], rejected_prompt: list[int], tokenize
         if a != b:
             break
         common += 1
-    ends = (tokenizer.decode(chosen_prompt[common:]), tokenizer.decode(rejected_prompt[common:]))
+    start = max(0, common - 2)
+    ends = (tokenizer.decode(chosen_prompt[start:]), tokenizer.decode(rejected_prompt[start:]))
     return (
-        "the prompt is not the same tokens before the chosen and the rejected reply (it ends in "
-        f"{ends[0]!r} before chosen, {ends[1]!r} before rejected): a token joins the end of the prompt with "
-        "the start of a reply, so the pair has no shared prompt; remove the white space that starts the reply"
+        f"the prompt is not the same tokens before the chosen and the rejected reply (before chosen it ends in "
+        f"{ends[0]!r}, before rejected in {ends[1]!r}): a token joins the end of the prompt with the start of a "
+        "reply, so the pair has no shared prompt; remove the white space that starts the reply"
     )
 
 

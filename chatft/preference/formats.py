@@ -42,7 +42,6 @@ _ROLE_KEY = {
     "sharegpt": ("from", "gpt"),
 }
 _TEXT_REPLY = {"alpaca": "output", "input-output": "response"}
-_USER_SIDE = ("user", "tool")
 
 UNDETECTED = (
     "cannot detect the format: expected chosen and rejected replies (or a KTO label) beside messages (openai), "
@@ -179,11 +178,12 @@ def _check_ends_on_user_side(turns: list, fmt: str, turns_key: str) -> None:
     last = turns[-1] if turns else None
     if not isinstance(last, dict):
         return  # empty or malformed: the reader reports it
+    # an answering turn last (anything else, e.g. an unknown role, is the reader's to report)
     if fmt == "sharegpt":
-        ok = last.get("from") in ("human", "user", "observation")
+        answers = last.get("from") in ("gpt", "assistant", "function_call", "system")
     else:
-        ok = last.get("role") in _USER_SIDE
-    if not ok:
+        answers = last.get("role") in ("assistant", "system")
+    if answers:
         raise RecordError(
             turns_key, "must end with a user (or tool) turn: the chosen and rejected replies answer it"
         )

@@ -31,7 +31,7 @@ import yaml
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments, Trainer, TrainerCallback, set_seed
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
-from chatft.args import RUN_ARGS_FILE, DataArguments, ModelArguments
+from chatft.args import RUN_ARGS_FILE, STAGES, DataArguments, ModelArguments
 from chatft.collator import PackedCollator, PadCollator
 from chatft.data.check import position_warning, report_lines
 from chatft.data.dataset import PreparedData, prepare_data
@@ -57,6 +57,8 @@ from chatft.plot import plot_loss
 from chatft.preference import requested_stage
 
 DEFAULT_CACHE_DIR = "~/.cache/chatft/preprocessed"
+
+PREFERENCE_STAGES = [s for s in STAGES if s != "sft"]  # chatft.preference.train runs them
 
 # --activation_checkpointing unset ("auto"): on only where it pays, i.e. where a step's activations would not fit
 # comfortably without it. It costs 5-36 % more time per step and cuts the peak memory to ~0.6x (bench/RESULTS.md),
@@ -708,7 +710,7 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if requested_stage(list(sys.argv[1:] if argv is None else argv)) != "sft":
+    if requested_stage(list(sys.argv[1:] if argv is None else argv)) in PREFERENCE_STAGES:
         from chatft.preference.train import main as preference_main
 
         return preference_main(argv)

@@ -222,12 +222,15 @@ class PreferenceTrainer:
         if num_items_in_batch is None:  # evaluation: TRL's mean over the batch
             return result
         loss, rest = result if return_outputs else (result, None)
-        loss = loss * (
-            self.examples_in(inputs) / num_items_in_batch
-        )  # TRL's micro-batch mean -> share of the step
+        # TRL's mean over this micro-batch -> this micro-batch's share of the mean over the whole step
+        loss = loss * (self.examples_in(inputs) / num_items_in_batch)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             loss = loss * self.accelerator.num_processes  # the gradients are averaged over processes
         return (loss, rest) if return_outputs else loss
+
+    def _get_eval_sampler(self, eval_dataset):
+        """Evaluation in order (the Trainer would group it by length too, and has no lengths of pairs)."""
+        return None if eval_dataset is None else torch.utils.data.SequentialSampler(eval_dataset)
 
     def _get_train_sampler(self, train_dataset=None):
         if self.args.train_sampling_strategy != "group_by_length" or self.lengths is None:

@@ -184,8 +184,8 @@ def test_a_raw_prompt_is_cut_to_fit_and_a_reply_never(tmp_path):
 
 
 def test_bad_preference_records_are_located(tmp_path):
-    loaded = load_preferences([str(ROOT / "data" / "preference_bad.jsonl")], log=lambda _m: None)
-    name = str(ROOT / "data" / "preference_bad.jsonl")
+    loaded = load_preferences([str(ROOT / "data" / "preference" / "bad_records.jsonl")], log=lambda _m: None)
+    name = str(ROOT / "data" / "preference" / "bad_records.jsonl")
     assert [str(p).removeprefix(name + ":") for p in loaded.problems] == [
         "2: rejected: missing (a pair needs a chosen and a rejected reply)",
         "3: rejected: identical to chosen (surrounding white space aside): a pair must prefer one reply to a "
@@ -278,7 +278,7 @@ def test_check_data_stage_shows_both_replies_and_exit_codes(tmp_path, capsys):
     assert "pairs (a chosen and a rejected sequence each): 1" in out
     assert "records read: 1, valid: 1, invalid: 0, skipped (a reply does not fit max_seq_length): 0" in out
     assert json.loads(dump.read_text())["rejected_ids"] == ids("bye", "!", "<|im_end|>")
-    bad = str(ROOT / "data" / "preference_bad.jsonl")
+    bad = str(ROOT / "data" / "preference" / "bad_records.jsonl")
     assert check_main(["--stage", "dpo", "--train_file", bad, "--model", str(tok_dir)]) == 1
     assert f"{bad}:3: rejected: identical to chosen" in capsys.readouterr().out
     assert check_main(["--stage", "kto", "--train_file", good, "--model", str(tok_dir)]) == 0
@@ -289,11 +289,11 @@ def test_check_data_stage_shows_both_replies_and_exit_codes(tmp_path, capsys):
 
 
 def test_the_sample_files_are_valid_and_detected(capsys):
-    data = ROOT / "data"
+    data = ROOT / "data" / "preference"
     tok = make_tokenizer()  # the toy vocabulary does not hold their words; the layouts are what is checked
-    for name, fmt in (("preference_openai.jsonl", "openai"), ("preference_sharegpt.json", "sharegpt"),
-                      ("preference_alpaca.json", "alpaca"), ("kto.jsonl", "openai")):  # fmt: skip
+    for name, fmt in (("openai.jsonl", "openai"), ("sharegpt.json", "sharegpt"), ("alpaca.json", "alpaca"),
+                      ("kto.jsonl", "openai")):  # fmt: skip
         loaded = load_preferences([str(data / name)], log=lambda _m: None)
         assert not loaded.problems and loaded.formats == {str(data / name): fmt}
         assert all(ex.paired == (name != "kto.jsonl") for _, _, ex in loaded.records)
-    assert len(prepared(str(data / "preference_alpaca.json"), tokenizer=tok).dataset) == 4
+    assert len(prepared(str(data / "alpaca.json"), tokenizer=tok).dataset) == 4

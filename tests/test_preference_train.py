@@ -282,7 +282,7 @@ def test_dpo_goes_on_training_an_sft_adapter_against_that_adapter(tiny_model, pa
 def test_bad_input_is_one_error_line_or_located_records(tiny_model, pairs_file, tmp_path, capsys):
     tokenizer_only = tmp_path / "tok"  # no weights: reaching the model load would fail differently
     make_tokenizer().save_pretrained(tokenizer_only)
-    bad = ROOT / "data" / "preference_bad.jsonl"
+    bad = ROOT / "data" / "preference" / "bad_records.jsonl"
     assert run(str(tokenizer_only), str(bad), tmp_path / "o") == 1
     captured = capsys.readouterr()
     assert (

@@ -94,7 +94,7 @@ def causal_lm_loss(
     selected = hidden[..., :-1, :][trained]  # [n_trained, hidden]
     targets = shift_labels[trained]
     if checkpoint_chunks is None:
-        checkpoint_chunks = _zero3()
+        checkpoint_chunks = zero3_enabled()
     total = chunked_cross_entropy(head, selected, targets, chunk_size, checkpoint_chunks)
     if num_items_in_batch is None:
         num_items_in_batch = max(targets.numel(), 1)
@@ -184,7 +184,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
         return (grad_hidden, None, None, None, *grad_params)
 
 
-def _zero3() -> bool:
+def zero3_enabled() -> bool:
     try:
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
     except ImportError:  # pragma: no cover

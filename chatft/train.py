@@ -7,8 +7,10 @@ Defaults that differ from transformers' TrainingArguments (everything else is th
 - Added: malloc_mmap_threshold (off by default; 1048576 trades 26-41% of the CPU speed for 0.4-0.7x the peak RSS).
 - Added: chunked_loss True / loss_chunk_size (chatft.loss: the loss at trained positions only, LM head in
   chunks), group_by_length True (padded batches only: examples of similar length batched together).
-- activation_checkpointing: unset means "auto": on only where a step would not fit comfortably without it
-  (auto_checkpointing); never for ptuning.
+- Added: precision auto (bf16 autocast where the machine multiplies bf16 faster, chatft.machine), micro_batch_size
+  and max_memory (a step split into micro-batches from the memory they need; chatft.machine.plan_step).
+- activation_checkpointing: unset means "auto": on only where one micro-batch of one row does not fit the memory
+  budget (chatft.machine.plan_step); never for ptuning.
 - --packing (DataArguments): unset means on for full / lora / qlora, off for ptuning (which cannot pack).
   With packing, one batch item is a packed row of up to max_seq_length tokens, not an example; the log shows
   examples_per_step, tokens_per_step and trained_tokens_per_step so that packed and padded runs compare.
@@ -29,6 +31,7 @@ import datasets
 import torch
 import yaml
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments, Trainer, TrainerCallback, set_seed
+from transformers.integrations import TensorBoardCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
 from chatft.args import RUN_ARGS_FILE, STAGES, DataArguments, ModelArguments
@@ -37,8 +40,9 @@ from chatft.data.check import position_warning, report_lines
 from chatft.data.dataset import PreparedData, prepare_data
 from chatft.data.formats import DataFileError, load_conversations
 from chatft.data.templates import IGNORE_INDEX, TemplateError, get_template
-from chatft.infer import generation_scores
-from chatft.loss import DEFAULT_CHUNK_SIZE, causal_lm_loss, unsupported_reason
+from chatft.inference.evaluation import generation_scores
+from chatft.loss import DEFAULT_CHUNK_SIZE, causal_lm_loss, unsupported_reason, zero3_enabled
+from chatft.machine import PRECISIONS, Shape, choose_precision, plan_step, precision_flags
 from chatft.methods import (
     PREFIX_ENCODER_FILE,
     load_model,
@@ -55,15 +59,10 @@ from chatft.packing import (
 )
 from chatft.plot import plot_loss
 from chatft.preference import requested_stage
+from chatft.samples import SampleAnswers, base_model, generating, read_sample_prompts
 
 DEFAULT_CACHE_DIR = "~/.cache/chatft/preprocessed"
-
 PREFERENCE_STAGES = [s for s in STAGES if s != "sft"]  # chatft.preference.train runs them
-
-# --activation_checkpointing unset ("auto"): on only where it pays, i.e. where a step's activations would not fit
-# comfortably without it. It costs 5-36 % more time per step and cuts the peak memory to ~0.6x (bench/RESULTS.md),
-# so with memory to spare it is a pure loss. ptuning never (peft's prefix cache forbids it).
-AUTO_CHECKPOINTING_SHARE = 0.5  # on when the estimated peak exceeds this share of the memory available
 
 
 @dataclass
@@ -116,6 +115,40 @@ class TrainArguments(Seq2SeqTrainingArguments):
             "(bench/RESULTS.md). 0: glibc's default. Ignored where MALLOC_MMAP_THRESHOLD_ is set."
         },
     )
+    sample_prompts: str | None = field(
+        default=None,
+        metadata={
+            "help": "A few prompts (a .txt file, one per line, or a data file in any training format: each "
+            "record's conversation up to its last answer) answered greedily at every evaluation and save and at "
+            "the end, printed and written to OUTPUT_DIR/samples.jsonl (and TensorBoard when it is on)."
+        },
+    )
+    sample_max_new_tokens: int = field(
+        default=64, metadata={"help": "--sample_prompts: longest sample answer in tokens."}
+    )
+    precision: str = field(
+        default="auto",
+        metadata={
+            "help": "auto: bf16 autocast (fp32 master weights) where it is faster, on a GPU that supports it or a "
+            "CPU whose probe multiplies bf16 at least 1.2x as fast as fp32, else fp32 (fp16 on a GPU without "
+            "bf16); or fp32, bf16, fp16. --bf16 / --fp16 also decide.",
+            "choices": list(PRECISIONS),
+        },
+    )
+    micro_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Rows (packed) or examples per forward; a step of --per_device_train_batch_size runs as "
+            "several (accumulated: the same training). Unset: on a GPU the largest that fits --max_memory or 90%% "
+            "of its memory; on the CPU the fewest holding 512 tokens (more buy no speed there, only memory)."
+        },
+    )
+    max_memory: float | None = field(
+        default=None,
+        metadata={
+            "help": "GiB a training process may use; sizes the micro-batches (and checkpointing) to it."
+        },
+    )
     group_by_length: bool = field(
         default=True,
         metadata={
@@ -125,10 +158,17 @@ class TrainArguments(Seq2SeqTrainingArguments):
     )
 
     def __post_init__(self) -> None:
-        # unset (None) activation checkpointing means "auto" (AUTO_CHECKPOINTING); the Trainer turns None into False
+        # unset (None) activation checkpointing means "auto" (chatft.machine.plan_step); the Trainer turns None
+        # into False
         self.checkpointing_auto = (
             self.activation_checkpointing is None and self.gradient_checkpointing is None
         )
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ValueError(f"--micro_batch_size must be at least 1, not {self.micro_batch_size}")
+        if self.max_memory is not None and self.max_memory <= 0:
+            raise ValueError(f"--max_memory must be a positive number of GiB, not {self.max_memory}")
+        if self.precision == "fp32" and (self.bf16 or self.fp16):
+            raise ValueError("--precision fp32 contradicts --bf16 / --fp16")
         super().__post_init__()
 
 
@@ -143,7 +183,7 @@ HELP_GROUPS = {
     "optimization": ["learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm", "optim"],
     "logging, saving, evaluation": ["logging_steps", "save_steps", "save_total_limit", "eval_strategy", "eval_steps",
                                     "per_device_eval_batch_size", "predict_with_generate", "generation_max_length",
-                                    "report_to"],
+                                    "sample_prompts", "sample_max_new_tokens", "report_to"],
     "precision and memory": ["bf16", "fp16", "use_cpu", "activation_checkpointing", "chunked_loss",
                              "malloc_mmap_threshold", "deepspeed"],
     "resume and seed": ["resume_from_checkpoint", "seed", "data_seed"],
@@ -265,9 +305,23 @@ def parse_args(
         raise SystemExit(0)
     if config:
         apply_config(parser, config)
-    parsed = parser.parse_args_into_dataclasses(args=cpu_distributed(argv))
-    if not parsed[1].train_file:
+    argv = cpu_distributed(argv)
+    parsed = parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, training_args = parsed[0], parsed[1], parsed[-1]
+    if not data_args.train_file:
         raise ValueError("--train_file is required (one or more .json/.jsonl files or directories)")
+    given = "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else None
+    cuda = torch.cuda.is_available() and not training_args.use_cpu
+    if given:
+        precision, why = given, f"--{given}"
+    else:
+        shape = Shape.of(model_args.model_name_or_path)
+        precision, why = choose_precision(training_args.precision, shape, cuda, bool(training_args.deepspeed))
+        flags = precision_flags(precision, cuda)
+        if flags:  # the Trainer sets up its precision (and the CPU device) while it parses
+            parsed = parser.parse_args_into_dataclasses(args=[*argv, *flags])
+            training_args = parsed[-1]
+    training_args.precision, training_args.precision_why = precision, why
     return parsed
 
 
@@ -326,71 +380,37 @@ def resolve_packing(model_args: ModelArguments, data_args: DataArguments, log) -
     return data_args.packing is not False
 
 
-def resolve_checkpointing(
-    model_args: ModelArguments, data_args: DataArguments, training_args: TrainArguments, log
-) -> None:
-    if not getattr(training_args, "checkpointing_auto", False):
-        return
-    on, why = auto_checkpointing(model_args, training_args, data_args.max_seq_length)
-    training_args.gradient_checkpointing = training_args.activation_checkpointing = on
-    log(f"activation checkpointing: {'on' if on else 'off'} ({why})")
-
-
-def auto_checkpointing(
-    model_args: ModelArguments,
-    training_args: TrainArguments,
-    max_seq_length: int,
-    available: int | None = None,
-) -> tuple[bool, str]:
-    """(on, why): on when weights + optimizer state + the activations of a step of batch x max_seq_length tokens,
-    estimated from the model's config, exceed AUTO_CHECKPOINTING_SHARE of the memory available (the GPU's, else
-    the machine's)."""
-    if model_args.method == "ptuning":
-        return False, "P-Tuning v2 cannot use it"
-    try:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(model_args.model_name_or_path)
-        config = getattr(config, "text_config", None) or config
-        h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-        vocab = config.vocab_size
-    except (OSError, ValueError, AttributeError, TypeError):
-        return False, "auto: no estimate for this model, off"
-    tokens = training_args.per_device_train_batch_size * max_seq_length
-    half = training_args.bf16 or training_args.fp16
-    act_bytes = 2 if half else 4
-    # per token and layer the backward keeps ~10 hidden-sized and ~4 intermediate-sized tensors (fitted to
-    # SmolLM2-135M's measured peak RSS, bench/RESULTS.md)
-    activations = tokens * layers * (10 * h + 4 * inter) * act_bytes
-    params = layers * (4 * h * h + 3 * h * inter) + vocab * h
-    per_param = {"full": 16, "lora": 2 if half else 4, "qlora": 0.6}.get(model_args.method, 4)
-    needed = activations + params * per_param
-    if available is None:
-        available = available_memory()
-    if not available:
-        return False, "auto: available memory unknown, off"
-    on = needed > AUTO_CHECKPOINTING_SHARE * available
-    gib = 2**30
-    return on, (
-        f"auto: a step needs ~{needed / gib:.1f} GiB (activations {activations / gib:.1f}) of "
-        f"{available / gib:.1f} GiB available"
+def plan_micro_batches(model_args: ModelArguments, data_args: DataArguments, training_args, log) -> None:
+    """A step of per_device_train_batch_size rows as micro-batches (chatft.machine.plan_step): the Trainer gets
+    the micro-batch as its batch and the rest as more accumulation; checkpointing where it is left to chatft."""
+    batch = training_args.per_device_train_batch_size
+    plan = plan_step(
+        batch,
+        data_args.max_seq_length,
+        Shape.of(model_args.model_name_or_path),
+        model_args.method,
+        training_args.precision in ("bf16", "fp16"),
+        torch.cuda.is_available() and not training_args.use_cpu,
+        training_args.max_memory,
+        training_args.micro_batch_size,
+        training_args.checkpointing_auto,
     )
-
-
-def available_memory() -> int | None:
-    """Bytes: the current GPU's total memory, else the machine's MemAvailable."""
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+    if plan.micro_batch < batch:
+        training_args.per_device_train_batch_size = plan.micro_batch
+        training_args.gradient_accumulation_steps *= batch // plan.micro_batch
+        log(
+            f"micro-batches: a step's {batch} rows per process run as {batch // plan.micro_batch} forward passes of "
+            f"{plan.micro_batch} ({plan.why}); accumulated, they train exactly as one"
+        )
+    else:
+        log(f"micro-batches: none, a step's {batch} rows in one forward pass ({plan.why})")
+    if plan.checkpointing is not None:
+        on = plan.checkpointing and model_args.method != "ptuning"
+        training_args.gradient_checkpointing = training_args.activation_checkpointing = on
+        if plan.checkpointing and not on:
+            log("activation checkpointing: would be needed, but P-Tuning v2 cannot use it")
+        else:
+            log(f"activation checkpointing: {'on' if on else 'off'} (auto)")
 
 
 def training_datasets(
@@ -438,11 +458,6 @@ def training_datasets(
         f"batches: padded to the longest example of each batch, sampling {training_args.train_sampling_strategy}"
     )
     return train_set, evaluation.dataset.select_columns(columns) if evaluation else None
-
-
-def base_model(model):
-    """The transformers model under a peft wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def packed_attention(model, attn_implementation: str, log) -> str:
@@ -607,19 +622,32 @@ def generation_eval_for(
     max_new_tokens = training_args.generation_max_length or 128
 
     def scores(model) -> dict[str, float]:
-        base = base_model(model)
-        training_attention, training = base.config._attn_implementation, model.training
-        base.set_attn_implementation(attention)  # packing's own sdpa is for training rows
-        model.eval()
-        try:
+        with generating(model, attention):
             return generation_scores(
                 model, tokenizer, template, records, max_new_tokens, training_args.per_device_eval_batch_size
             )
-        finally:
-            base.set_attn_implementation(training_attention)
-            model.train(training)
 
     return scores
+
+
+def add_sample_answers(trainer, samples, model_args, training_args, tokenizer, attention: str, log) -> None:
+    """--sample_prompts: the SampleAnswers callback, writing to the Trainer's TensorBoard when it has one."""
+    if zero3_enabled():
+        log("--sample_prompts: skipped under DeepSpeed ZeRO-3 (the weights are split over the processes)")
+        return
+    chat = model_args.template is not None or any(not conv.raw for conv, _ in samples)
+    template = get_template(model_args.template, tokenizer) if chat else None
+    callback = SampleAnswers(
+        samples, tokenizer, template, attention, training_args.sample_max_new_tokens, log
+    )
+
+    def tensorboard():
+        found = [c for c in trainer.callback_handler.callbacks if isinstance(c, TensorBoardCallback)]
+        return getattr(found[0], "tb_writer", None) if found else None
+
+    callback.tensorboard = tensorboard
+    trainer.add_callback(callback)
+    log(f"--sample_prompts: {len(samples)} prompt(s) answered at every evaluation and save and at the end")
 
 
 def data_refused(prepared: PreparedData, data_args: DataArguments) -> str | None:
@@ -726,6 +754,7 @@ def main(argv: list[str] | None = None) -> int:
         training_args.dataloader_pin_memory = False  # nothing to pin for; torch would warn at every epoch
     try:
         tokenizer = load_tokenizer(model_args)
+        samples = read_sample_prompts(training_args.sample_prompts) if training_args.sample_prompts else None
         with training_args.main_process_first(desc="preprocessing"):
             train = load_split("train", data_args.train_file, data_args, model_args, tokenizer, log)
             evaluation = (
@@ -733,7 +762,7 @@ def main(argv: list[str] | None = None) -> int:
                 if data_args.eval_file
                 else None
             )
-    except (DataFileError, TemplateError, ValueError) as e:
+    except (DataFileError, TemplateError, ValueError) as e:  # InferError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
     for prepared in (train, evaluation):
@@ -742,7 +771,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {refusal}", file=sys.stderr)
             return 1
     packing = resolve_packing(model_args, data_args, log)
-    resolve_checkpointing(model_args, data_args, training_args, log)
+    log(f"precision: {training_args.precision} ({training_args.precision_why})")
+    plan_micro_batches(model_args, data_args, training_args, log)
     if evaluation is not None and training_args.eval_strategy == "no":
         training_args.eval_strategy = "steps"
         training_args.eval_steps = training_args.eval_steps or training_args.save_steps
@@ -784,6 +814,8 @@ def main(argv: list[str] | None = None) -> int:
         loss_chunk_size=training_args.loss_chunk_size,
         generation_eval=generation_eval_for(model_args, data_args, training_args, tokenizer, own),
     )
+    if samples:
+        add_sample_answers(trainer, samples, model_args, training_args, tokenizer, own, log)
     try:
         trainer.train(resume_from_checkpoint=resume)
     except PackingError as e:

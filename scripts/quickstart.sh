@@ -28,12 +28,14 @@ echo "== 1. data: convert ruozhiba to OpenAI messages, split 7:3 (seed 42), hold
 "$PYTHON" scripts/split_data.py --input "$WORK/ruozhiba.jsonl" --train_out "$WORK/train.jsonl" \
   --test_out "$WORK/test.jsonl" --ratio 0.7 --seed 42 --dedup
 head -n "$N_HELDOUT" "$WORK/test.jsonl" > "$WORK/heldout.jsonl"
+head -n 2 "$WORK/heldout.jsonl" > "$WORK/sample_prompts.jsonl"  # answered while training, at every save
 
-echo "== 2. LoRA fine-tune: $STEPS steps of $BATCH packed rows"
+echo "== 2. LoRA fine-tune: $STEPS steps of $BATCH packed rows (the Sanity Check shows what is trained)"
 "$PYTHON" finetune.py --method lora --train_file "$WORK/train.jsonl" --output_dir "$WORK/lora" \
   --max_seq_length 512 --per_device_train_batch_size "$BATCH" --learning_rate "$LR" --max_steps "$STEPS" \
-  --lora_rank 16 --lora_alpha 32 --warmup_steps 10 --logging_steps "$(( STEPS < 20 ? 1 : 10 ))" --save_steps "$STEPS" --seed 42 \
-  | grep -v -- ' -> ' | grep -v '^Sanity Check\|Sanity Check$'
+  --lora_rank 16 --lora_alpha 32 --warmup_steps 10 --logging_steps "$(( STEPS < 20 ? 1 : 10 ))" --seed 42 \
+  --save_steps "$(( STEPS < 3 ? STEPS : STEPS / 3 ))" --sample_prompts "$WORK/sample_prompts.jsonl" \
+  --sample_max_new_tokens 48
 
 echo "== 3. answers of the base model and of the tuned one on the held-out questions (greedy)"
 "$PYTHON" inference.py --input_file "$WORK/heldout.jsonl" --output_file "$WORK/base.jsonl" \

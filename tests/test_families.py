@@ -17,10 +17,10 @@ import pytest
 import torch
 from families import CLOSERS, FAMILIES, SAMPLE_CONVERSATIONS, make_tokenizer, save_family, tiny_model
 
-from chatft import infer
 from chatft.collator import PackedCollator
 from chatft.data.schema import Conversation, Message
 from chatft.data.templates import IGNORE_INDEX, TemplateError, encode, get_template
+from chatft.inference import cli, generation, loading, merge
 from chatft.train import main as train_main
 from chatft.train import packed_attention
 
@@ -119,18 +119,19 @@ def write_data(path: Path, copies: int) -> Path:
 def train(base: Path, data: Path, out: Path, *extra: str) -> Path:
     argv = ["--model_name_or_path", str(base), "--train_file", str(data), "--output_dir", str(out),
             "--per_device_train_batch_size", "2", "--report_to", "none", "--seed", "0", "--logging_steps", "1",
-            "--save_strategy", "no", "--dataloader_num_workers", "0", "--preprocessing_cache", "False", *extra]  # fmt: skip
+            "--save_strategy", "no", "--dataloader_num_workers", "0", "--preprocessing_cache", "False",
+            "--precision", "fp32", *extra]  # fmt: skip
     assert train_main(argv) == 0
     return out
 
 
 def session(*flags: str):
-    return infer.load_session(infer.make_parser().parse_args(list(flags)), say=lambda _m: None)
+    return loading.load_session(cli.make_parser().parse_args(list(flags)), say=lambda _m: None)
 
 
 def greedy(s, max_new_tokens: int) -> list[int]:
-    _, ids = infer.render_prompt(s, conversation(ANSWERED[:1]))
-    return infer.generate(s, [ids], infer.GenerationOptions(max_new_tokens=max_new_tokens))[0]
+    _, ids = generation.render_prompt(s, conversation(ANSWERED[:1]))
+    return generation.generate(s, [ids], generation.GenerationOptions(max_new_tokens=max_new_tokens))[0]
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +159,7 @@ def test_a_trained_model_says_its_answer_and_stops_at_its_end_of_turn(family, tm
 
 def prompt_logits(s) -> torch.Tensor:
     """The loaded model's logits over the rendered prompt of ANSWERED."""
-    _, ids = infer.render_prompt(s, conversation(ANSWERED[:1]))
+    _, ids = generation.render_prompt(s, conversation(ANSWERED[:1]))
     with torch.no_grad():
         return s.model(input_ids=torch.tensor([ids])).logits[0].float()
 
@@ -177,7 +178,7 @@ def test_lora_and_ptuning_train_reload_and_merge(family, tmp_path, one_thread):
     assert (tuned - before).abs().max() > 1e-2
     torch.testing.assert_close(prompt_logits(session("--adapter", str(lora / "checkpoint-4"))), tuned)
     merged = tmp_path / "merged"
-    assert infer.merge_main([str(base), str(lora), str(merged)]) == 0
+    assert merge.merge_main([str(base), str(lora), str(merged)]) == 0
     merged_session = session("--model", str(merged))
     torch.testing.assert_close(prompt_logits(merged_session), tuned, atol=1e-4, rtol=1e-4)
     assert greedy(merged_session, 6) == greedy(adapter, 6)

@@ -20,6 +20,8 @@ from chatft.preference.train import make_trainer, stage_arguments, training_colu
 from chatft.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
+# exact comparisons hold in fp32; --precision auto would pick bf16 on a CPU that multiplies it faster
+FP32 = ["--precision", "fp32"]
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning"),
@@ -63,7 +65,7 @@ def run(tiny_model, data_file, out, *extra) -> int:
     argv = [
         "--stage", "dpo", "--model_name_or_path", tiny_model, "--train_file", data_file, "--output_dir", str(out),
         "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--logging_steps", "1",
-        "--report_to", "none", "--seed", "42", "--dataloader_num_workers", "0", *extra,
+        "--report_to", "none", "--seed", "42", "--dataloader_num_workers", "0", *FP32, *extra,
     ]  # fmt: skip
     return main(argv)
 
@@ -157,7 +159,7 @@ def test_a_killed_dpo_run_resumes_to_the_same_losses_and_weights(tiny_model, pai
     assert run(tiny_model, pairs_file, whole, *common) == 0
     argv = ["--stage", "dpo", "--model_name_or_path", tiny_model, "--train_file", pairs_file, "--output_dir",
             str(killed), "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--logging_steps", "1",
-            "--report_to", "none", "--seed", "42", "--dataloader_num_workers", "0", *common]  # fmt: skip
+            "--report_to", "none", "--seed", "42", "--dataloader_num_workers", "0", *FP32, *common]  # fmt: skip
     r = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "killed_run.py"), "5", *argv],
         capture_output=True, text=True, cwd=ROOT, timeout=300,
@@ -260,7 +262,7 @@ def test_dpo_goes_on_training_an_sft_adapter_against_that_adapter(tiny_model, pa
     out = tmp_path / "dpo"
     argv = ["--stage", "dpo", "--adapter", str(sft), "--train_file", pairs_file, "--output_dir", str(out),
             "--max_steps", "3", "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--logging_steps",
-            "1", "--report_to", "none", "--save_strategy", "no"]  # fmt: skip
+            "1", "--report_to", "none", "--save_strategy", "no", *FP32]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert f"base model: {tiny_model} (from {sft / 'adapter_config.json'})" in printed

@@ -31,11 +31,15 @@ def data_file(tmp_path_factory) -> str:
     return str(f)
 
 
+# exact comparisons hold in fp32; --precision auto would pick bf16 on a CPU that multiplies it faster
+FP32 = ["--precision", "fp32"]
+
+
 def run(tiny_model, data_file, out, *extra) -> int:
     argv = [
         "--model_name_or_path", tiny_model, "--train_file", data_file, "--output_dir", str(out),
         "--per_device_train_batch_size", "2", "--learning_rate", "1e-2", "--logging_steps", "1",
-        "--report_to", "none", "--seed", "42", "--dataloader_num_workers", "0", *extra,
+        "--report_to", "none", "--seed", "42", "--dataloader_num_workers", "0", *FP32, *extra,
     ]  # fmt: skip
     return main(argv)
 
@@ -166,7 +170,8 @@ def test_a_killed_run_resumes_to_the_same_losses_and_weights(tiny_model, many_fi
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     assert run(tiny_model, many_file, whole, *common) == 0
     argv = ["--model_name_or_path", tiny_model, "--train_file", many_file, "--output_dir", str(killed),
-            "--logging_steps", "1", "--report_to", "none", "--seed", "42", "--dataloader_num_workers", "0", *common]  # fmt: skip
+            "--logging_steps", "1", "--report_to", "none", "--seed", "42", "--dataloader_num_workers", "0", *FP32,
+            *common]  # fmt: skip
     r = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "killed_run.py"), "5", *argv],
         capture_output=True, text=True, cwd=ROOT, timeout=300,
@@ -303,6 +308,48 @@ def test_help_shows_chatfts_arguments_and_the_common_trainer_ones_and_help_all_e
     assert "--fsdp" in everything and len(everything.splitlines()) > 2 * len(short.splitlines())
 
 
+def test_sample_prompts_are_answered_at_each_save_and_at_the_end(tiny_model, data_file, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hi\n\nhow are you?\n")
+    out = tmp_path / "out"
+    assert run(tiny_model, data_file, out, "--method", "full", "--max_steps", "20", "--save_steps", "10",
+               "--learning_rate", "3e-3", "--sample_prompts", str(prompts), "--sample_max_new_tokens", "6",
+               "--report_to", "tensorboard") == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["prompt"]) for r in rows] == [
+        (10, "hi"),
+        (10, "how are you?"),
+        (20, "hi"),
+        (20, "how are you?"),
+    ]
+    assert "sample answers at step 10:" in printed and "sample answers at step 20:" in printed
+    # the answers are the saved model's own greedy answers (the last ones: the final weights)
+    from chatft.data.schema import Conversation, Message
+    from chatft.inference.cli import make_parser as infer_parser
+    from chatft.inference.generation import GenerationOptions, decode, generate, render_prompt
+    from chatft.inference.loading import load_session
+
+    session = load_session(infer_parser().parse_args(["--model", str(out)]), say=lambda _m: None)
+    for row in rows[2:]:
+        ids = render_prompt(session, Conversation([Message("user", row["prompt"])]))[1]
+        assert row["answer"] == decode(session, generate(session, [ids], GenerationOptions(6))[0])
+    assert (
+        rows[2]["answer"] != rows[0]["answer"] or rows[3]["answer"] != rows[1]["answer"]
+    )  # training moved them
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = [EventAccumulator(str(p.parent)).Reload() for p in (out / "runs").rglob("events.out.*")]
+    assert any("samples/text_summary" in e.Tags()["tensors"] for e in events)
+
+
+def test_bad_sample_prompts_file_is_a_usage_error(tiny_model, data_file, tmp_path, capsys):
+    empty = tmp_path / "p.txt"
+    empty.write_text("\n")
+    assert run(tiny_model, data_file, tmp_path / "o", "--sample_prompts", str(empty)) == 2
+    assert f"--sample_prompts {empty}: no prompts in it" in capsys.readouterr().err
+
+
 def test_invalid_data_stops_before_the_model_is_loaded(tmp_path, capsys):
     tokenizer_only = tmp_path / "tok"  # no weights: reaching the model load would fail differently
     make_tokenizer().save_pretrained(tokenizer_only)
@@ -345,7 +392,7 @@ def test_two_processes_of_batch_2_train_as_one_process_of_batch_4(
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
         str(ROOT / "finetune.py"), "--model_name_or_path", tiny_model, "--train_file", many_file,
         "--output_dir", str(two), "--per_device_train_batch_size", "2", "--logging_steps", "1", "--report_to", "none",
-        "--seed", "42", "--dataloader_num_workers", "0", *common,
+        "--seed", "42", "--dataloader_num_workers", "0", *FP32, *common,
     ]  # fmt: skip
     if deepspeed:
         cmd += ["--deepspeed", str(ROOT / "configs" / deepspeed)]

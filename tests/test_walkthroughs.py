@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -90,6 +91,13 @@ def test_ruozhiba_quickstart_reduced(tmp_path):
     assert "read 1475" in stdout and "train 1033, test 442" in stdout
     assert "loss curve:" in stdout and (tmp_path / "qs" / "lora" / "loss.png").exists()
     assert len((tmp_path / "qs" / "tuned.jsonl").read_text().splitlines()) == 2
+    # the Sanity Check reads on ruozhiba's Chinese: one line per character, never a lone byte
+    check = stdout[stdout.index("Sanity Check >>>") : stdout.index("<<< Sanity Check")]
+    assert re.search(r"'[\u4e00-\u9fff]': \d+, \d+(, \d+)? -> ", check) and "\ufffd" not in check
+    samples = [
+        json.loads(line) for line in (tmp_path / "qs" / "lora" / "samples.jsonl").read_text().splitlines()
+    ]
+    assert [s["step"] for s in samples] == [2, 2] and "sample answers at step 2:" in stdout
 
 
 def test_xtuner_openai_messages_with_loss_flags(tmp_path):

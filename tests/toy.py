@@ -99,6 +99,59 @@ def save_tiny_model(folder, hidden: int = 64, layers: int = 2, seed: int = 0, **
     return folder
 
 
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE with no merges, as SmolLM2/Qwen/Llama-3 encode text: every byte is one token, so one CJK
+    character is three; ChatML, eos = pad = <|im_end|>."""
+    from tokenizers import decoders
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(SPECIALS + alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+    )
+    fast.add_special_tokens({"additional_special_tokens": [t for t in SPECIALS if t not in ("<unk>", "<s>")]})
+    fast.chat_template = CHATML
+    return fast
+
+
+def save_byte_model(folder, chats=(), steps: int = 0, context: int = 512, seed: int = 0):
+    """A tiny Llama on byte_tokenizer, trained (full, greedy-exact) for `steps` on `chats` (Conversations, their
+    assistant turns learnt by heart), saved with its tokenizer in folder (returned). steps 0: random weights."""
+    import torch
+
+    from chatft.data.templates import encode, get_template
+
+    tok = byte_tokenizer()
+    ids = {
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+    }
+    model = tiny_llama(len(tok), 64, 2, seed, max_position_embeddings=context, **ids)
+    template = get_template(None, tok)
+    examples = [encode(conv, tok, template) for conv in chats]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    model.train()
+    for _ in range(steps):
+        for ex in examples:
+            loss = model(
+                input_ids=torch.tensor([ex.input_ids]), labels=torch.tensor([ex.labels]), use_cache=False
+            ).loss
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
 TEXT_WORDS = ["hi", "hello", "there", "how", "are", "you", "fine", "thanks", "bye", "ok", "weather", "Paris",
               "sunny", "question", "answer", "city", "call", "response", "python", "get"]  # fmt: skip
 

@@ -1,4 +1,4 @@
-"""What an export starts from, loaded the way inference loads it: every call into chatft.infer is here.
+"""What an export starts from, loaded the way inference loads it: every call into chatft.inference is here.
 
 A source is a model folder (a base model, or a full fine-tune with its run_args.json) or a LoRA/QLoRA adapter,
 which is merged into its base loaded in float32 (a QLoRA adapter too: never into a 4-bit base). Its tokenizer,
@@ -16,16 +16,14 @@ from typing import Any
 from chatft.data.schema import Conversation
 from chatft.data.templates import Template
 from chatft.export.gguf import ExportError, gguf_architecture
-from chatft.infer import (
+from chatft.inference.common import InferError
+from chatft.inference.generation import GenerationOptions, generate, render_prompt
+from chatft.inference.loading import (
     ADAPTER_CONFIG,
-    GenerationOptions,
-    InferError,
     Session,
     choose_template,
-    generate,
     load_model,
     load_tokenizer,
-    render_prompt,
     resolve_checkpoint,
     stop_token_ids,
     trained_on_raw,

@@ -19,14 +19,14 @@ split into micro-batches (TRL averages each micro-batch, which weighs a short la
 stages group pairs of similar length into whole steps drawn from (seed, epoch) as SFT does; a QLoRA adapter stays
 in float32 (TRL casts it to bfloat16), as chatft's SFT keeps it.
 
-Defaults where TRL's configs differ from the Trainer's are chatft's (the same as SFT): bf16 off, activation
-checkpointing automatic, learning rate 5e-5 (TRL: 1e-6, for full training of large models); simpo: loss_type simpo,
-cpo_alpha 0 (no NLL term), beta 2.0 as in the SimPO paper. TRL's max_length is set to --max_seq_length.
+Defaults where TRL's configs differ from the Trainer's are chatft's, as for SFT: precision, micro-batches and
+activation checkpointing chosen by chatft.machine (a pair counts as one row of both its sequences), learning rate
+5e-5 (TRL: 1e-6, for full training of large models); simpo: loss_type simpo, cpo_alpha 0 (no NLL term), beta 2.0 as
+in the SimPO paper. TRL's max_length is set to --max_seq_length (chatft's truncation already holds to it).
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import importlib
@@ -55,14 +55,14 @@ from chatft.preference.encode import (
     prepare_preferences,
     report_lines,
 )
+from chatft.samples import base_model
 from chatft.train import (
     SaveRunArgs,
     StepGroupedSampler,
     TrainArguments,
-    auto_checkpointing,
-    base_model,
     data_refused,
     parse_args,
+    plan_micro_batches,
     resolve_resume,
     set_malloc_mmap_threshold,
     write_run_args,
@@ -289,16 +289,18 @@ def load_split(name, files, stage, data_args, model_args, tokenizer, log) -> Pre
     return prepared
 
 
-def resolve_checkpointing(model_args, data_args, training_args, log) -> None:
-    """Unset: on where a step would not fit comfortably, estimated as SFT estimates it with both sequences of
-    each pair in the batch."""
-    if not getattr(training_args, "checkpointing_auto", False):
+def plan_pairs(stage: str, model_args, data_args, training_args, log) -> None:
+    """SFT's micro-batch planning (chatft.machine.plan_step) with a pair as one row of both its sequences; any
+    split of a step trains the same (PreferenceTrainer.compute_loss). Not for KTO, whose KL term is estimated
+    from the other replies of the same batch."""
+    if stage == "kto":
+        log("micro-batches: none (KTO estimates its KL term from the other replies of each batch)")
         return
-    doubled = copy.copy(training_args)
-    doubled.per_device_train_batch_size *= 2
-    on, why = auto_checkpointing(model_args, doubled, data_args.max_seq_length)
-    training_args.gradient_checkpointing = training_args.activation_checkpointing = on
-    log(f"activation checkpointing: {'on' if on else 'off'} ({why}, both replies of a pair counted)")
+    log(
+        "micro-batches: a pair counts as one row of 2 x --max_seq_length tokens (its chosen and rejected replies)"
+    )
+    pairs = dataclasses.replace(data_args, max_seq_length=2 * data_args.max_seq_length)
+    plan_micro_batches(model_args, pairs, training_args, log)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -340,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     elif training_args.group_by_length and training_args.train_sampling_strategy == "random":
         training_args.train_sampling_strategy = "group_by_length"
-    resolve_checkpointing(model_args, data_args, training_args, log)
+    log(f"precision: {training_args.precision} ({training_args.precision_why})")
+    plan_pairs(stage, model_args, data_args, training_args, log)
     if evaluation is not None and training_args.eval_strategy == "no":
         training_args.eval_strategy = "steps"
         training_args.eval_steps = training_args.eval_steps or training_args.save_steps

@@ -1,0 +1,211 @@
+"""What the machine decides: the training precision (from a short probe of its matrix multiplication) and how a
+step is split into micro-batches (from the memory a micro-batch needs, estimated from the model's shape).
+
+Precision (--precision auto, the default):
+- CUDA: bf16 where the GPU supports it, else fp16 (with the Trainer's loss scaling); fp32 master weights.
+- CPU: bf16 autocast where a probe shows bf16 matrix multiplication clearly faster than fp32 (CPUs with bf16
+  instructions, AVX512-BF16 / AMX), else fp32: on a CPU without them bf16 is emulated and several times slower.
+  Under DeepSpeed on the CPU, fp32.
+- --precision fp32|bf16|fp16, --bf16 or --fp16 decide instead.
+
+Micro-batches (--micro_batch_size auto, the default): --per_device_train_batch_size stays what a process puts in
+one optimizer step; the step runs as micro-batches (gradient accumulation, which trains exactly the same: the
+loss is normalised over the whole step). Their size:
+- on a GPU, the largest that fits the memory budget (--max_memory GiB, else 90% of the GPU's memory);
+- on the CPU, the smallest that still holds MICRO_TOKENS_CPU tokens (bench/RESULTS.md: beyond that, more rows per
+  forward buy no speed on a CPU, and each costs its activations), within --max_memory when given.
+Activation checkpointing (unset: auto) is turned on only where one micro-batch of one row does not fit the budget.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+BF16_MIN_SPEEDUP = 1.2  # bf16 only where the probe multiplies at least this much faster than fp32
+MICRO_TOKENS_CPU = 512  # tokens per forward that keep a CPU busy (bench/RESULTS.md)
+GPU_BUDGET_SHARE = 0.9
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int
+    intermediate: int
+    layers: int
+    vocab: int
+
+    @classmethod
+    def of(cls, model_path: str) -> Shape | None:
+        """The model's shape from its config.json; None when it cannot be read."""
+        try:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(model_path)
+            config = getattr(config, "text_config", None) or config
+            return cls(
+                config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
+            )
+        except (OSError, ValueError, AttributeError, TypeError):
+            return None
+
+    @property
+    def parameters(self) -> int:
+        return (
+            self.layers * (4 * self.hidden**2 + 3 * self.hidden * self.intermediate)
+            + self.vocab * self.hidden
+        )
+
+    def activation_bytes(self, tokens: int, half: bool) -> int:
+        """What the backward keeps per micro-batch: per token and layer about 10 hidden-sized and 7.5
+        intermediate-sized values (fitted to SmolLM2-135M's measured peak RSS, bench/RESULTS.md)."""
+        per_token = self.layers * (10 * self.hidden + 7.5 * self.intermediate)
+        return int(tokens * per_token * (2 if half else 4))
+
+    def fixed_bytes(self, method: str, half: bool) -> int:
+        """Weights, gradients and optimizer state: 16 bytes a parameter for full fine-tuning (fp32 weights, grads,
+        two Adam moments), the frozen base alone (bf16 or fp32) for LoRA and P-Tuning, ~0.6 for a 4-bit one."""
+        per_param = {"full": 16, "qlora": 0.6}.get(method, 2 if half else 4)
+        return int(self.parameters * per_param)
+
+
+# ---------------------------------------------------------------------------------------------------- precision
+
+
+def probe_bf16_speedup(shape: Shape, reps: int = 5) -> float:
+    """How many times faster the CPU multiplies a [512, hidden] by a [hidden, intermediate] matrix in bf16 than
+    in fp32 (best of reps, after a warm-up): about 2 with bf16 instructions, well under 1 without."""
+    a = torch.randn(512, shape.hidden)
+    b = torch.randn(shape.hidden, shape.intermediate)
+
+    def best(x: torch.Tensor, y: torch.Tensor) -> float:
+        x @ y  # warm-up
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            x @ y
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best(a, b) / best(a.bfloat16(), b.bfloat16())
+
+
+def choose_precision(
+    requested: str,
+    shape: Shape | None,
+    cuda: bool,
+    deepspeed: bool,
+    probe=None,
+) -> tuple[str, str]:
+    """(fp32 | bf16 | fp16, why) for --precision requested (auto decides from the machine)."""
+    if requested != "auto":
+        return requested, "--precision"
+    if cuda:
+        if torch.cuda.is_bf16_supported():
+            return "bf16", "auto: the GPU supports bf16"
+        return "fp16", "auto: the GPU has no bf16; fp16 with loss scaling"
+    if deepspeed:
+        return "fp32", "auto: DeepSpeed on the CPU trains in fp32"
+    if shape is None:
+        return "fp32", "auto: the model's shape is unknown, so no probe"
+    speedup = (probe or probe_bf16_speedup)(shape)
+    probe_text = f"a {512}x{shape.hidden} @ {shape.hidden}x{shape.intermediate} product"
+    if speedup >= BF16_MIN_SPEEDUP:
+        return "bf16", f"auto: this CPU multiplies in bf16 {speedup:.1f}x as fast as in fp32 ({probe_text})"
+    return (
+        "fp32",
+        f"auto: bf16 runs at {speedup:.2f}x the speed of fp32 on this CPU ({probe_text}); fp32 it is",
+    )
+
+
+def precision_flags(precision: str, cuda: bool) -> list[str]:
+    """The Trainer arguments for a precision (the Trainer refuses bf16 on the CPU without --use_cpu)."""
+    if precision == "bf16":
+        return ["--bf16", "True"] + ([] if cuda else ["--use_cpu", "True"])
+    if precision == "fp16":
+        return ["--fp16", "True"]
+    return []
+
+
+# ---------------------------------------------------------------------------------------------------- memory
+
+
+def available_memory() -> int | None:
+    """Bytes: the current GPU's total memory, else the machine's MemAvailable."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    micro_batch: int  # rows (packed) or examples per forward
+    checkpointing: bool | None  # None: leave as asked
+    why: str
+
+
+def plan_step(
+    batch: int,
+    row_tokens: int,
+    shape: Shape | None,
+    method: str,
+    half: bool,
+    cuda: bool,
+    max_memory_gib: float | None,
+    micro_batch: int | None,
+    checkpointing_auto: bool,
+    available: int | None = None,
+) -> StepPlan:
+    """How a step of `batch` rows of up to row_tokens tokens runs: micro-batch size (a divisor of batch) and,
+    where checkpointing is left to chatft, whether it is needed."""
+    if micro_batch is not None:  # given: taken as it is (a divisor of the batch)
+        return StepPlan(_divisor_at_most(batch, micro_batch), None, f"--micro_batch_size {micro_batch}")
+    if shape is None:
+        return StepPlan(
+            batch, False if checkpointing_auto else None, "the model's shape is unknown: no split"
+        )
+    if max_memory_gib is not None:
+        budget, of = int(max_memory_gib * GIB), f"--max_memory {max_memory_gib:g} GiB"
+    elif cuda:
+        available = available if available is not None else available_memory()
+        budget, of = int(GPU_BUDGET_SHARE * (available or 0)), f"{GPU_BUDGET_SHARE:.0%} of the GPU's memory"
+    else:
+        budget, of = None, ""
+    fixed = shape.fixed_bytes(method, half)
+    row = shape.activation_bytes(row_tokens, half)
+    if budget is None:  # the CPU without a budget: the fewest rows that still keep it busy
+        micro = _divisor_at_most(batch, max(1, -(-MICRO_TOKENS_CPU // row_tokens)))
+        why = (
+            f"on the CPU, {micro} row(s) of up to {row_tokens} tokens per forward keep it busy "
+            f"(~{row * micro / GIB:.1f} GiB of activations); more would only cost memory"
+        )
+        return StepPlan(micro, False if checkpointing_auto else None, why)
+    fits = max(0, (budget - fixed) // max(row, 1))
+    if fits >= 1:
+        micro = _divisor_at_most(batch, fits)
+        why = f"{micro} row(s) of ~{row / GIB:.2f} GiB of activations each fit {of} beside ~{fixed / GIB:.1f} GiB"
+        return StepPlan(micro, False if checkpointing_auto else None, why)
+    why = f"not even one row (~{row / GIB:.2f} GiB of activations) fits {of} beside ~{fixed / GIB:.1f} GiB"
+    return StepPlan(
+        1,
+        True if checkpointing_auto else None,
+        why + (": activation checkpointing" if checkpointing_auto else ""),
+    )
+
+
+def _divisor_at_most(n: int, limit: int) -> int:
+    return max(d for d in range(1, max(1, min(n, limit)) + 1) if n % d == 0)

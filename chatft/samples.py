@@ -1,0 +1,132 @@
+"""Generation while training: the model switched to generating and back, and --sample_prompts (XTuner's
+evaluation_inputs): a few prompts answered greedily with the current weights at every evaluation and save and at
+the end, printed and written to samples.jsonl (and to TensorBoard when it is on), so that a user watches the
+answers change during a long run.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from chatft.data.formats import load_conversations
+from chatft.data.schema import Conversation, Message
+from chatft.data.templates import Template, TemplateError
+from chatft.inference.common import InferError
+from chatft.inference.evaluation import shorten, split_last_answer
+from chatft.inference.generation import GenerationOptions, decode, generate, render_prompt
+from chatft.inference.loading import Session, stop_token_ids
+
+SAMPLES_FILE = "samples.jsonl"
+
+
+def base_model(model):
+    """The transformers model under a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@contextmanager
+def generating(model, attention: str) -> Iterator[None]:
+    """The model ready to generate (eval mode, the given attention: packing's own sdpa is for training rows),
+    and as it was afterwards."""
+    base = base_model(model)
+    training_attention, training = base.config._attn_implementation, model.training
+    base.set_attn_implementation(attention)
+    model.eval()
+    try:
+        yield
+    finally:
+        base.set_attn_implementation(training_attention)
+        model.train(training)
+
+
+def read_sample_prompts(path: str, fmt: str = "auto") -> list[tuple[Conversation, str | None]]:
+    """(prompt conversation, reference answer or None) per sample: a .txt file holds one user prompt per line; any
+    training data file gives each record's conversation up to its last answer, that answer the reference."""
+    file = Path(path)
+    if file.suffix == ".txt":
+        try:
+            lines = file.read_text(encoding="utf-8-sig").splitlines()
+        except OSError as e:
+            raise InferError(f"--sample_prompts {path}: {e.strerror or e}") from e
+        samples = [(Conversation([Message("user", line.strip())]), None) for line in lines if line.strip()]
+    else:
+        loaded = load_conversations([path], fmt, log=lambda _m: None)
+        if loaded.problems:
+            raise InferError(f"--sample_prompts: {loaded.problems[0]}")
+        samples = [split_last_answer(conv) for _, _, conv in loaded.records]
+    if not samples:
+        raise InferError(f"--sample_prompts {path}: no prompts in it")
+    return samples
+
+
+class SampleAnswers(TrainerCallback):
+    """Greedy answers to the sample prompts at every evaluation and save and at the end (once per step)."""
+
+    def __init__(
+        self,
+        samples: list[tuple[Conversation, str | None]],
+        tokenizer: Any,
+        template: Template | None,
+        attention: str,
+        max_new_tokens: int,
+        log: Callable[[str], None] = print,
+    ) -> None:
+        self.samples = samples
+        self.tokenizer = tokenizer
+        self.template = template
+        self.attention = attention
+        self.options = GenerationOptions(max_new_tokens)
+        self.log = log
+        self.done_at: int | None = None
+        self.tensorboard: Callable[[], Any] = lambda: (
+            None
+        )  # the Trainer's TensorBoard writer, when it has one
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        self.answer(args, state, model)
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        self.answer(args, state, model)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.answer(args, state, model)
+
+    def answer(self, args, state, model) -> None:
+        if model is None or not state.is_world_process_zero or self.done_at == state.global_step:
+            return
+        self.done_at = state.global_step
+        with generating(model, self.attention):
+            rows = self.generate(model)
+        self.log(f"sample answers at step {state.global_step}:")
+        for i, row in enumerate(rows, start=1):
+            self.log(f"  [{i}] {shorten(row['prompt'], 40)} -> {shorten(row['answer'], 100)}")
+        with (Path(args.output_dir) / SAMPLES_FILE).open("a", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps({"step": state.global_step, **row}, ensure_ascii=False) + "\n")
+        writer = self.tensorboard()
+        if writer is not None:
+            text = "\n\n".join(f"**{r['prompt']}**\n\n{r['answer']}" for r in rows)
+            writer.add_text("samples", text, state.global_step)
+
+    def generate(self, model) -> list[dict]:
+        stops = stop_token_ids(self.tokenizer, self.template, model.generation_config)
+        session = Session(model, self.tokenizer, self.template, False, stops, str(model.device))
+        prompts, ids = [], []
+        for conv, _ in self.samples:
+            try:
+                _, prompt_ids = render_prompt(session, conv)
+            except TemplateError as e:
+                raise InferError(f"--sample_prompts: {e}") from e
+            prompts.append(conv.messages[-1].content)
+            ids.append(prompt_ids)
+        answers = generate(session, ids, self.options)  # one batch: a few prompts
+        return [
+            {"prompt": p, "answer": decode(session, a), "reference": ref}
+            for p, a, (_, ref) in zip(prompts, answers, self.samples, strict=True)
+        ]

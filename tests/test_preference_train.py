@@ -16,6 +16,8 @@ from transformers import AutoModelForCausalLM
 from chatft.args import ModelArguments
 from chatft.methods import load_model
 from chatft.preference.encode import prepare_preferences
+from chatft.preference.score import batch_logps
+from chatft.preference.score import main as score_main
 from chatft.preference.train import make_trainer, stage_arguments, training_columns
 from chatft.train import main
 
@@ -78,14 +80,6 @@ def logged(out, key: str = "loss") -> dict[int, float]:
     return {e["step"]: e[key] for e in history(out) if key in e}
 
 
-def sequence_logps(model, batch) -> torch.Tensor:
-    """Sum of log p(token) over each row's completion (a plain forward, logits over the whole vocabulary)."""
-    with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    token_logps = logits.log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
-    return (token_logps * batch["completion_mask"][:, 1:]).sum(-1)
-
-
 def test_a_new_adapters_reference_is_the_base_with_the_adapter_disabled(tiny_model, pairs_file, tmp_path):
     """The log-probabilities the DPO trainer takes as the reference equal those of the base model loaded on its
     own, while the adapter (moved away from zero here) gives others: no copy of the adapter stands in for it."""
@@ -103,15 +97,16 @@ def test_a_new_adapters_reference_is_the_base_with_the_adapter_disabled(tiny_mod
     assert list(model.peft_config) == ["default"]
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     ref_chosen, ref_rejected = trainer.compute_ref_log_probs(trainer.model, batch)
-    base = sequence_logps(AutoModelForCausalLM.from_pretrained(tiny_model), batch)
+    base = batch_logps(AutoModelForCausalLM.from_pretrained(tiny_model), batch)
     torch.testing.assert_close(torch.cat([ref_chosen, ref_rejected]), base, atol=1e-4, rtol=1e-5)
-    assert not torch.allclose(sequence_logps(model, batch), base, atol=1e-2)
+    assert not torch.allclose(batch_logps(model, batch), base, atol=1e-2)
 
 
 def test_a_few_dpo_steps_raise_the_reward_margin_and_accuracy(tiny_model, pairs_file, tmp_path):
     out = tmp_path / "out"
     code = run(tiny_model, pairs_file, out, "--max_steps", "12", "--eval_file", pairs_file, "--eval_steps", "12",
-               "--eval_on_start", "True", "--save_strategy", "no", "--beta", "0.5")  # fmt: skip
+               "--eval_on_start", "True", "--save_strategy", "no", "--beta", "0.5",
+               "--per_device_eval_batch_size", "12")  # fmt: skip
     assert code == 0
     evals = [e for e in history(out) if "eval_rewards/margins" in e]
     before, after = evals[0], evals[-1]
@@ -125,6 +120,15 @@ def test_a_few_dpo_steps_raise_the_reward_margin_and_accuracy(tiny_model, pairs_
         k in train[0] for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
     )
     assert (out / "loss.png").stat().st_size > 1000
+    # score_pairs.py, against the base as the reference, gives TRL's figures (one eval batch: the same means)
+    scores = tmp_path / "scores.json"
+    argv = ["--pairs", pairs_file, "--adapter", str(out), "--reference_model", tiny_model, "--beta", "0.5"]
+    assert score_main([*argv, "--output", str(scores)]) == 0
+    figures = json.loads(scores.read_text())
+    assert figures["reward_margin"] == pytest.approx(after["eval_rewards/margins"], abs=1e-4)
+    assert figures["reward_accuracy"] == pytest.approx(after["eval_rewards/accuracies"])
+    assert figures["logp_chosen"] == pytest.approx(after["eval_logps/chosen"], abs=1e-3)
+    assert figures["pairs"] == 12 and figures["preference_accuracy"] > 0.5
 
 
 @pytest.fixture(scope="module")

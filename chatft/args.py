@@ -7,6 +7,13 @@ from dataclasses import dataclass, field
 from chatft.demo_model import DEFAULT_MODEL_DIR
 
 METHODS = ("full", "ptuning", "lora", "qlora")
+STAGES = (
+    "sft",
+    "dpo",
+    "orpo",
+    "simpo",
+    "kto",
+)  # sft: supervised; the others: preference tuning (chatft.preference)
 RUN_ARGS_FILE = "run_args.json"  # a run's arguments, written beside every checkpoint and read by inference
 FORMATS = ("auto", "multi-turn", "input-output", "openai", "alpaca", "sharegpt")
 
@@ -33,6 +40,14 @@ class ModelArguments:
         default=None, metadata={"help": "Tokenizer folder; default: the model's own."}
     )
     method: str = field(default="lora", metadata={"help": "Fine-tuning method.", "choices": list(METHODS)})
+    stage: str = field(
+        default="sft",
+        metadata={
+            "help": "sft: supervised fine-tuning on conversations; dpo, orpo, simpo, kto: preference tuning on "
+            "chosen/rejected replies (or KTO's labelled ones) through TRL (README: Preference tuning).",
+            "choices": list(STAGES),
+        },
+    )
     template: str | None = field(
         default=None,
         metadata={
@@ -73,6 +88,8 @@ class ModelArguments:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"--method must be one of {', '.join(METHODS)}, not {self.method!r}")
+        if self.stage not in STAGES:
+            raise ValueError(f"--stage must be one of {', '.join(STAGES)}, not {self.stage!r}")
         if self.quantization_bit not in (None, 4, 8):
             raise ValueError(f"--quantization_bit must be 4 or 8, not {self.quantization_bit}")
         if self.method == "qlora" and self.quantization_bit is None:
@@ -143,3 +160,18 @@ class DataArguments:
         if self.train_format not in FORMATS:
             raise ValueError(f"--train_format must be one of {', '.join(FORMATS)}, not {self.train_format!r}")
         check_lengths(self.max_seq_length, self.max_source_length, self.max_target_length)
+
+
+@dataclass
+class PreferenceArguments:
+    """--stage dpo|orpo|simpo|kto only (chatft.preference); the losses' own knobs (--beta, --loss_type, ...) are
+    TRL's config fields, on the same command line."""
+
+    adapter: str | None = field(
+        default=None,
+        metadata={
+            "help": "Start from this SFT LoRA/QLoRA adapter and go on training it (its base is the model unless "
+            "--model_name_or_path says otherwise); the reference is the adapter as loaded. Without it: a new "
+            "adapter (lora, qlora) or all weights (full) of --model_name_or_path, which may be a full SFT folder."
+        },
+    )

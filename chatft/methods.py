@@ -58,16 +58,21 @@ def load_tokenizer(model_args: ModelArguments) -> PreTrainedTokenizerBase:
 # model
 
 
-def load_model(model_args: ModelArguments, training_args: transformers.TrainingArguments) -> PreTrainedModel:
+def load_model(
+    model_args: ModelArguments, training_args: transformers.TrainingArguments, adapter: str | None = None
+) -> PreTrainedModel:
     """Load the causal LM and set it up for training with model_args.method.
 
     Returns the plain model (full) or a peft `PeftModel` (ptuning, lora, qlora). Mutates training_args where the
     method requires it: gradient checkpointing is turned off for ptuning, and its kwargs get use_reentrant=False.
+    adapter (lora, qlora): a saved LoRA adapter whose training goes on, instead of a new one.
     """
     method = model_args.method
     _check_model_dir(model_args.model_name_or_path)
     if model_args.ptuning_checkpoint and method != "ptuning":
         raise ValueError(f"--ptuning_checkpoint is only for --method ptuning, not --method {method}")
+    if adapter and method not in ("lora", "qlora"):
+        raise ValueError(f"--adapter {adapter} goes on training a LoRA adapter: use --method lora or qlora")
     prefix_checkpoint = (
         _read_prefix_checkpoint(model_args.ptuning_checkpoint) if model_args.ptuning_checkpoint else None
     )
@@ -110,6 +115,8 @@ def load_model(model_args: ModelArguments, training_args: transformers.TrainingA
                 model.enable_input_require_grads()
         if method == "ptuning":
             model = _add_prefix(model, model_args, prefix_checkpoint)
+        elif adapter:
+            model = _continue_lora(model, adapter)
         else:
             model = _add_lora(model, model_args)
         _upcast_trainable(model)
@@ -280,6 +287,21 @@ def _add_lora(model: PreTrainedModel, model_args: ModelArguments) -> PreTrainedM
         raise ValueError(f"--lora_target {model_args.lora_target}: {_one_line(e)}") from e
 
 
+def _continue_lora(model: PreTrainedModel, path: str) -> PreTrainedModel:
+    """A saved LoRA adapter on the model, trainable (its rank, alpha and targets are its own)."""
+    from peft import PeftModel
+
+    peft_type = _peft_type(path, "--adapter")
+    if peft_type != "LORA":
+        raise ValueError(f"--adapter {path}: not a LoRA adapter (peft_type is {peft_type!r})")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        try:
+            return PeftModel.from_pretrained(model, path, is_trainable=True)
+        except (OSError, RuntimeError, KeyError, ValueError) as e:
+            raise ValueError(f"--adapter {path}: it does not fit this model ({_one_line(e)})") from e
+
+
 def _get_peft_model(model: PreTrainedModel, config: Any) -> PreTrainedModel:
     from peft import get_peft_model
 
@@ -345,23 +367,26 @@ def _read_prefix_checkpoint(path: str) -> Any:
     """The PrefixTuningConfig saved in a P-Tuning v2 checkpoint folder, or ValueError."""
     from peft import PeftConfig, PeftType
 
-    config_file = Path(path) / "adapter_config.json"
-    if not Path(path).is_dir():
-        raise ValueError(f"--ptuning_checkpoint {path}: no such folder")
-    if not config_file.is_file():
-        raise ValueError(f"--ptuning_checkpoint {path}: not a peft adapter folder (no adapter_config.json)")
-    try:
-        peft_type = json.loads(config_file.read_text(encoding="utf-8")).get("peft_type")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
-        raise ValueError(
-            f"--ptuning_checkpoint {path}: unreadable adapter_config.json ({_one_line(e)})"
-        ) from e
+    peft_type = _peft_type(path, "--ptuning_checkpoint")
     if peft_type != PeftType.PREFIX_TUNING.value:
         raise ValueError(
             f"--ptuning_checkpoint {path}: not a P-Tuning v2 checkpoint (peft_type is {peft_type!r}, "
             f"expected {PeftType.PREFIX_TUNING.value!r})"
         )
     return PeftConfig.from_pretrained(path)
+
+
+def _peft_type(path: str, flag: str) -> Any:
+    """The peft_type in a peft adapter folder's adapter_config.json, or ValueError saying what is wrong."""
+    config_file = Path(path) / "adapter_config.json"
+    if not Path(path).is_dir():
+        raise ValueError(f"{flag} {path}: no such folder")
+    if not config_file.is_file():
+        raise ValueError(f"{flag} {path}: not a peft adapter folder (no adapter_config.json)")
+    try:
+        return json.loads(config_file.read_text(encoding="utf-8")).get("peft_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise ValueError(f"{flag} {path}: unreadable adapter_config.json ({_one_line(e)})") from e
 
 
 class _OnceFilter(logging.Filter):

@@ -1,8 +1,16 @@
-"""loss.png: the training (and eval) loss of a run, from the Trainer's log history."""
+"""loss.png: the training (and eval) loss of a run, from the Trainer's log history; for preference tuning also the
+rewards of the chosen and rejected replies, their margin and the reward accuracy."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+REWARDS = (
+    ("rewards/chosen", "chosen reward"),
+    ("rewards/rejected", "rejected reward"),
+    ("rewards/margins", "margin"),
+)
+ACCURACY = "rewards/accuracies"
 
 
 def loss_series(log_history: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -21,15 +29,34 @@ def plot_loss(log_history: list[dict], out_dir: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    rewards = [(label, *loss_series(log_history, key)) for key, label in REWARDS]
+    rewards = [r for r in rewards if r[2]]
+    fig, axes = plt.subplots(
+        2 if rewards else 1, 1, figsize=(7, 7 if rewards else 4), sharex=True, squeeze=False
+    )
+    ax = axes[0][0]
     if train_loss:
         ax.plot(train_steps, train_loss, label="train loss")
     if eval_loss:
         ax.plot(eval_steps, eval_loss, "o-", label="eval loss")
-    ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend()
+    if rewards:
+        ax = axes[1][0]
+        for label, steps, values in rewards:
+            ax.plot(steps, values, label=label)
+        ax.set_ylabel("reward")
+        ax.grid(alpha=0.3)
+        steps, accuracy = loss_series(log_history, ACCURACY)
+        if accuracy:
+            twin = ax.twinx()
+            twin.plot(steps, accuracy, ":", color="gray", label="reward accuracy")
+            twin.set_ylim(-0.05, 1.05)
+            twin.set_ylabel("reward accuracy")
+            twin.legend(loc="lower right")
+        ax.legend(loc="upper left")
+    axes[-1][0].set_xlabel("step")
     path = out_dir / "loss.png"
     fig.tight_layout()
     fig.savefig(path, dpi=100)

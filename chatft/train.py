@@ -35,7 +35,7 @@ from transformers import HfArgumentParser, Seq2SeqTrainingArguments, Trainer, Tr
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
-from chatft.args import RUN_ARGS_FILE, DataArguments, ModelArguments
+from chatft.args import RUN_ARGS_FILE, STAGES, DataArguments, ModelArguments
 from chatft.collator import PackedCollator, PadCollator
 from chatft.data.check import position_warning, report_lines
 from chatft.data.dataset import PreparedData, prepare_data
@@ -59,9 +59,11 @@ from chatft.packing import (
     register_packed_sdpa,
 )
 from chatft.plot import plot_loss
+from chatft.preference import requested_stage
 from chatft.samples import SampleAnswers, base_model, generating, read_sample_prompts
 
 DEFAULT_CACHE_DIR = "~/.cache/chatft/preprocessed"
+PREFERENCE_STAGES = [s for s in STAGES if s != "sft"]  # chatft.preference.train runs them
 
 
 @dataclass
@@ -189,9 +191,9 @@ HELP_GROUPS = {
 }  # fmt: skip
 
 
-def short_help(parser: HfArgumentParser) -> str:
-    """--help: chatft's arguments (model and method, data) and the Trainer arguments of HELP_GROUPS, each with its
-    help and default as the full parser has them."""
+def short_help(parser: HfArgumentParser, extra_groups: dict[str, list[str]] | None = None) -> str:
+    """--help: chatft's arguments (model and method, data, and extra_groups) and the Trainer arguments of
+    HELP_GROUPS, each with its help and default as the full parser has them."""
     import argparse
 
     actions: dict = {}
@@ -208,6 +210,7 @@ def short_help(parser: HfArgumentParser) -> str:
     groups = {
         "model and method": [f.name for f in dataclasses.fields(ModelArguments)],
         "data": [f.name for f in dataclasses.fields(DataArguments)],
+        **(extra_groups or {}),
         **{f"training: {title}": names for title, names in HELP_GROUPS.items()},
     }
     for title, names in groups.items():
@@ -286,11 +289,17 @@ def cpu_distributed(argv: list[str]) -> list[str]:
     return argv if "--use_cpu" in argv else [*argv, "--use_cpu", "True"]
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainArguments]:
+def parse_args(
+    argv: list[str] | None = None,
+    parser: HfArgumentParser | None = None,
+    extra_help: dict[str, list[str]] | None = None,
+) -> tuple:
+    """(ModelArguments, DataArguments, TrainArguments), or the dataclasses of another parser (preference
+    tuning's), from the command line and --config."""
     config, argv = split_config(list(sys.argv[1:] if argv is None else argv))
-    parser = make_parser()
+    parser = parser or make_parser()
     if "-h" in argv or "--help" in argv:
-        print(short_help(parser))
+        print(short_help(parser, extra_help))
         raise SystemExit(0)
     if "--help_all" in argv:
         parser.print_help()
@@ -298,7 +307,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     if config:
         apply_config(parser, config)
     argv = cpu_distributed(argv)
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    parsed = parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, training_args = parsed[0], parsed[1], parsed[-1]
     if not data_args.train_file:
         raise ValueError("--train_file is required (one or more .json/.jsonl files or directories)")
     given = "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else None
@@ -310,9 +320,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
         precision, why = choose_precision(training_args.precision, shape, cuda, bool(training_args.deepspeed))
         flags = precision_flags(precision, cuda)
         if flags:  # the Trainer sets up its precision (and the CPU device) while it parses
-            model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=[*argv, *flags])
+            parsed = parser.parse_args_into_dataclasses(args=[*argv, *flags])
+            training_args = parsed[-1]
     training_args.precision, training_args.precision_why = precision, why
-    return model_args, data_args, training_args
+    return parsed
 
 
 def load_split(
@@ -737,6 +748,10 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if requested_stage(list(sys.argv[1:] if argv is None else argv)) in PREFERENCE_STAGES:
+        from chatft.preference.train import main as preference_main
+
+        return preference_main(argv)
     try:
         model_args, data_args, training_args = parse_args(argv)
     except ValueError as e:

@@ -26,13 +26,21 @@ class KillAtStep(TrainerCallback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-if __name__ == "__main__":
-    step, argv = int(sys.argv[1]), sys.argv[2:]
-    init = train.ChatTrainer.__init__
+def kill_at(trainer_class: type, step: int) -> None:
+    init = trainer_class.__init__
 
     def init_with_kill(self, *args, **kwargs):
         init(self, *args, **kwargs)
         self.add_callback(KillAtStep(step))
 
-    train.ChatTrainer.__init__ = init_with_kill
+    trainer_class.__init__ = init_with_kill
+
+
+if __name__ == "__main__":
+    step, argv = int(sys.argv[1]), sys.argv[2:]
+    kill_at(train.ChatTrainer, step)
+    if "--stage" in argv:  # preference tuning: TRL's trainers, with chatft's PreferenceTrainer mixed in
+        from chatft.preference.train import PreferenceTrainer
+
+        kill_at(PreferenceTrainer, step)
     sys.exit(train.main(argv))

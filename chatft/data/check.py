@@ -9,7 +9,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from chatft.args import FORMATS
+from chatft.args import FORMATS, STAGES
 from chatft.data.dataset import PreparedData, prepare_data, sanity_check_lines
 from chatft.data.formats import DataFileError
 from chatft.data.templates import NATIVE_TEMPLATES, TemplateError
@@ -79,6 +79,13 @@ def make_parser() -> argparse.ArgumentParser:
         "--train_file", nargs="+", required=True, help="one or more .json/.jsonl files or directories"
     )
     p.add_argument("--train_format", default="auto", choices=FORMATS)
+    p.add_argument(
+        "--stage",
+        default="sft",
+        choices=STAGES,
+        help="sft: conversations; dpo, orpo, simpo: preference pairs (a Sanity Check of both replies); kto: "
+        "labelled replies, or pairs (default: %(default)s)",
+    )
     p.add_argument("--model", default=str(DEFAULT_MODEL_DIR), help="tokenizer source (default: %(default)s)")
     p.add_argument(
         "--template",
@@ -98,20 +105,36 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
         tokenizer = load_tokenizer_or_explain(args.model)
-        prepared = prepare_data(
-            args.train_file,
-            args.train_format,
-            tokenizer,
-            args.template,
-            args.max_seq_length,
-            args.max_source_length,
-            args.max_target_length,
-            args.preprocessing_num_workers,
-        )
+        if args.stage == "sft":
+            prepared = prepare_data(
+                args.train_file,
+                args.train_format,
+                tokenizer,
+                args.template,
+                args.max_seq_length,
+                args.max_source_length,
+                args.max_target_length,
+                args.preprocessing_num_workers,
+            )
+            lines, dump = report_lines(prepared, tokenizer), write_dump
+        else:
+            from chatft.preference import encode
+
+            encode.check_target_length(args.max_target_length)
+            prepared = encode.prepare_preferences(
+                args.train_file,
+                args.train_format,
+                tokenizer,
+                args.template,
+                args.max_seq_length,
+                args.max_source_length,
+                unpaired=args.stage == "kto",
+            )
+            lines, dump = encode.report_lines(prepared, tokenizer), encode.write_dump
     except (DataFileError, TemplateError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    print("\n".join(report_lines(prepared, tokenizer)))
+    print("\n".join(lines))
     if (Path(args.model) / "config.json").is_file():
         from transformers import AutoConfig
 
@@ -121,6 +144,6 @@ def main(argv: list[str] | None = None) -> int:
         if warning:
             print(warning)
     if args.dump:
-        write_dump(prepared, args.dump)
+        dump(prepared, args.dump)
         print(f"wrote {len(prepared.dataset)} examples to {args.dump}")
     return EXIT_INVALID if prepared.problems else EXIT_OK

@@ -18,7 +18,7 @@ import statistics
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -56,6 +56,7 @@ class DataStats:
     valid: int = 0
     invalid: int = 0
     skipped: int = 0  # valid records left with no trained token (loss false everywhere, or after truncation)
+    skipped_why: str = "no trained token left"  # what "skipped" means in lines()
     truncated: int = 0
     lengths: list[int] = field(default_factory=list)
     trained_tokens: int = 0
@@ -68,7 +69,7 @@ class DataStats:
     def lines(self) -> list[str]:
         out = [
             f"records read: {self.records_read}, valid: {self.valid}, invalid: {self.invalid}, "
-            f"skipped (no trained token left): {self.skipped}, truncated: {self.truncated}, "
+            f"skipped ({self.skipped_why}): {self.skipped}, truncated: {self.truncated}, "
             f"examples: {len(self.lengths)}"
         ]
         if self.lengths:
@@ -167,10 +168,22 @@ def _note(enc: Encoded, kept: Encoded, cut: bool, settings: EncodeSettings) -> s
     return "truncated: prompt or response cut to max_source_length / max_target_length"
 
 
-def uses_tools(loaded: LoadedData) -> bool:
-    return any(
-        c.tools is not None or any(m.tool_calls or m.role == "tool" for m in c.messages)
-        for _, _, c in loaded.records
+def _has_tools(conv: Conversation) -> bool:
+    return conv.tools is not None or any(m.tool_calls or m.role == "tool" for m in conv.messages)
+
+
+def tools_fallback_note(
+    template: Template | None, tokenizer: PreTrainedTokenizerBase, conversations: Iterable[Conversation]
+) -> str | None:
+    """What to say when the data has tools and the chat template has no notion of them (None otherwise)."""
+    if template is None or template_supports_tools(template, tokenizer):
+        return None
+    if not any(_has_tools(c) for c in conversations):
+        return None
+    return (
+        "tools: the chat template has no notion of tools; rendering tool definitions as system text, tool "
+        "calls as <tool_call> JSON in the assistant turn and results as <tool_response> user turns (README: "
+        "Templates and labels)"
     )
 
 
@@ -283,12 +296,9 @@ def prepare_data(
 
     loaded = load_conversations(paths, fmt, log=log_and_keep)
     template = None if all(c.raw for _, _, c in loaded.records) else get_template(template_name, tokenizer)
-    if template is not None and uses_tools(loaded) and not template_supports_tools(template, tokenizer):
-        log_and_keep(
-            "tools: the chat template has no notion of tools; rendering tool definitions as system text, tool "
-            "calls as <tool_call> JSON in the assistant turn and results as <tool_response> user turns (README: "
-            "Templates and labels)"
-        )
+    note = tools_fallback_note(template, tokenizer, (c for _, _, c in loaded.records))
+    if note:
+        log_and_keep(note)
     settings = EncodeSettings(template, max_seq_length, max_source_length, max_target_length)
     prepared = tokenize_conversations(loaded, tokenizer, settings, num_proc)
     if folder is not None and len(prepared.dataset):  # nothing to train on is not worth keeping

@@ -265,19 +265,30 @@ def load_conversations(paths: list[str], fmt: str = "auto", log: Callable[[str],
 
 
 def load_file(
-    name: str, items: list[tuple[int, Any] | Problem], fmt: str, log: Callable, loaded: LoadedData
+    name: str,
+    items: list[tuple[int, Any] | Problem],
+    fmt: str,
+    log: Callable,
+    loaded: LoadedData,
+    *,
+    parse: Callable[[Any, str], Any] | None = None,
+    detect: Callable[[Any], str | None] | None = None,
+    undetected: str | None = None,
 ) -> None:
-    """Add one file's records (as read_records gives them) to `loaded`, with the format given or detected."""
+    """Add one file's records (as read_records gives them) to `loaded`, with the format given or detected.
+
+    parse(record, fmt) (default parse_record) makes each record what `loaded.records` holds, raising RecordError;
+    detect and undetected are the format detection and its message (chatft.preference reads its records so)."""
     loaded.records_read += len(items)
     if not items:
         raise DataFileError(f"{name}: no records in this file (empty, blank lines only, or [])")
     first = next(
         (item for item in items if not isinstance(item, Problem) and isinstance(item[1], dict)), None
     )
-    used = fmt if fmt != "auto" else (detect_format(first[1]) if first else None)
+    used = fmt if fmt != "auto" else ((detect or detect_format)(first[1]) if first else None)
     if used is None and first is not None:
         log(f"{name}: format unknown, file skipped")
-        loaded.problems.append(Problem(name, first[0], "(format)", _UNDETECTED))
+        loaded.problems.append(Problem(name, first[0], "(format)", undetected or _UNDETECTED))
         return
     if used is None:  # no record is a JSON object: every reader reports each one the same way
         log(f"{name}: no JSON object records")
@@ -285,7 +296,7 @@ def load_file(
     else:
         loaded.formats[name] = used
         log(f"{name}: format {used} ({'detected' if fmt == 'auto' else 'given'})")
-    _parse_all(name, items, used, loaded)
+    _parse_all(name, items, used, loaded, parse or parse_record)
 
 
 _UNDETECTED = (
@@ -294,7 +305,9 @@ _UNDETECTED = (
 )
 
 
-def _parse_all(name: str, items: list[tuple[int, Any] | Problem], fmt: str, loaded: LoadedData) -> None:
+def _parse_all(
+    name: str, items: list[tuple[int, Any] | Problem], fmt: str, loaded: LoadedData, parse: Callable
+) -> None:
     """Each record becomes a (file, line, Conversation) or a Problem, in file order."""
     for item in items:
         if isinstance(item, Problem):
@@ -302,7 +315,7 @@ def _parse_all(name: str, items: list[tuple[int, Any] | Problem], fmt: str, load
             continue
         line, record = item
         try:
-            loaded.records.append((name, line, parse_record(record, fmt)))
+            loaded.records.append((name, line, parse(record, fmt)))
         except RecordError as e:
             loaded.problems.append(Problem(name, line, e.field, e.message))
 

@@ -53,8 +53,8 @@ class PadCollator:
 class PackedCollator:
     """Packed rows (chatft.packing.PackedDataset items) -> input_ids, labels, position_ids; no attention_mask.
 
-    Rows are padded to the longest row of the batch; the padding restarts the position ids, so it is a segment of
-    its own. flatten=True (flash / flex / chatft's packed sdpa) puts the whole batch in one row instead: no padding
+    Rows are padded to the longest row of the batch (rounded up to pad_to_multiple_of: a fixed shape); the padding
+    restarts the position ids, so it is a segment of its own. flatten=True (flash / flex / chatft's packed sdpa) puts the whole batch in one row instead: no padding
     at all, and with flash_kwargs the sequence boundaries also go in explicitly as cu_seq_lens (no inference per
     layer).
     """
@@ -62,6 +62,7 @@ class PackedCollator:
     pad_token_id: int
     flatten: bool = False
     flash_kwargs: bool = False
+    pad_to_multiple_of: int | None = None
 
     @classmethod
     def for_backend(cls, pad_token_id: int, attn_implementation: str | None) -> PackedCollator:
@@ -84,6 +85,8 @@ class PackedCollator:
         else:
             rows = [(f["input_ids"], f["labels"], f["seq_lens"]) for f in features]
         longest = max(1, *(len(ids) for ids, _, _ in rows))  # a batch of empty rows is one pad token
+        if self.pad_to_multiple_of:
+            longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
         input_ids, labels, positions = [], [], []
         for ids, lab, seq_lens in rows:
             pad = longest - len(ids)

@@ -84,6 +84,11 @@ class PackedDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
+    @property
+    def longest_row(self) -> int:
+        """Tokens in the longest row (at least 1)."""
+        return max(1, *(sum(self.lengths[j] for j in row) for row in self.rows))
+
     def __getitem__(self, i: int) -> dict[str, list[int]]:
         input_ids: list[int] = []
         labels: list[int] = []

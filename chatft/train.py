@@ -4,7 +4,8 @@ Defaults that differ from transformers' TrainingArguments (everything else is th
 - output_dir "output/finetune", logging_steps 10, save_steps 100, remove_unused_columns False (our datasets
   hold only what the model takes), report_to none unless asked.
 - prediction_loss_only True: evaluation computes the loss only (no logits gathered over the eval set).
-- Added: malloc_mmap_threshold (off by default; 1048576 trades 26-41% of the CPU speed for 0.4-0.7x the peak RSS).
+- Added: malloc_mmap_threshold (off by default; 1048576 trades 26-41% of the CPU speed for 0.4-0.7x the peak RSS),
+  malloc_trim (auto: on for CPU training; the memory freed by a micro-batch goes back to the system).
 - Added: chunked_loss True / loss_chunk_size (chatft.loss: the loss at trained positions only, LM head in
   chunks), group_by_length True (padded batches only: examples of similar length batched together).
 - Added: precision auto (bf16 autocast where the machine multiplies bf16 faster, chatft.machine), micro_batch_size
@@ -13,7 +14,8 @@ Defaults that differ from transformers' TrainingArguments (everything else is th
   budget (chatft.machine.plan_step); never for ptuning.
 - --packing (DataArguments): unset means on for full / lora / qlora, off for ptuning (which cannot pack).
   With packing, one batch item is a packed row of up to max_seq_length tokens, not an example; the log shows
-  examples_per_step, tokens_per_step and trained_tokens_per_step so that packed and padded runs compare.
+  examples_per_step, tokens_per_step and trained_tokens_per_step so that packed and padded runs compare. On the
+  CPU every row is padded to the longest row's length (one shape for oneDNN; the padding is a segment of its own).
 Why these defaults: bench/RESULTS.md (measured on this project's CPU).
 """
 
@@ -116,6 +118,15 @@ class TrainArguments(Seq2SeqTrainingArguments):
             "(bench/RESULTS.md). 0: glibc's default. Ignored where MALLOC_MMAP_THRESHOLD_ is set."
         },
     )
+    malloc_trim: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Linux (glibc): hand the memory freed by each micro-batch back to the system (malloc_trim) "
+            "before the next, so the activations of varying shapes do not pile up in a fragmented heap. Unset "
+            "(auto): on when training on the CPU, where it took the peak RSS of a LoRA epoch to 0.7x for ~1.2x "
+            "the time (bench/RESULTS.md); off on a GPU."
+        },
+    )
     sample_prompts: str | None = field(
         default=None,
         metadata={
@@ -186,7 +197,7 @@ HELP_GROUPS = {
                                     "per_device_eval_batch_size", "predict_with_generate", "generation_max_length",
                                     "sample_prompts", "sample_max_new_tokens", "report_to"],
     "precision and memory": ["bf16", "fp16", "use_cpu", "activation_checkpointing", "chunked_loss",
-                             "malloc_mmap_threshold", "deepspeed"],
+                             "malloc_mmap_threshold", "malloc_trim", "deepspeed"],
     "resume and seed": ["resume_from_checkpoint", "seed", "data_seed"],
 }  # fmt: skip
 
@@ -361,6 +372,44 @@ def set_malloc_mmap_threshold(threshold: int) -> bool:
         return bool(libc.mallopt(m_mmap_threshold, int(threshold)))
     except (OSError, AttributeError):
         return False
+
+
+def glibc_malloc_trim() -> Callable[[], object] | None:
+    """glibc's malloc_trim(0) (every arena's free pages back to the system), or None where there is no glibc."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    return lambda: trim(0)
+
+
+class ReleaseFreedMemory(TrainerCallback):
+    """--malloc_trim: after every micro-batch (and optimizer step), the freed memory goes back to the system."""
+
+    def __init__(self, trim: Callable[[], object]) -> None:
+        self.trim = trim
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        self.trim()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trim()
+
+
+def release_memory(trainer: Trainer, training_args, log: Callable[[str], None]) -> None:
+    """--malloc_trim: on (auto: on the CPU), the ReleaseFreedMemory callback where glibc is there."""
+    wanted = training_args.malloc_trim
+    if wanted is None:
+        wanted = training_args.device.type == "cpu"
+    trim = glibc_malloc_trim() if wanted else None
+    if trim is not None:
+        trainer.add_callback(ReleaseFreedMemory(trim))
+        log("memory: freed memory goes back to the system after every micro-batch (--malloc_trim)")
 
 
 def preprocessing_cache_dir(data_args: DataArguments) -> str | None:
@@ -810,6 +859,12 @@ def main(argv: list[str] | None = None) -> int:
     if packing:
         attn = packed_attention(model, own, log, torch.cuda.is_available() and not training_args.use_cpu)
         collator = PackedCollator.for_backend(tokenizer.pad_token_id, attn)
+        if training_args.device.type == "cpu":
+            collator.pad_to_multiple_of = train_set.longest_row
+            log(
+                f"packing: rows padded to {train_set.longest_row} tokens (the longest row) on the CPU: one shape "
+                "for every forward, where each new shape costs oneDNN kernels and memory of its own"
+            )
     else:
         collator = PadCollator(tokenizer.pad_token_id)
     trainer = ChatTrainer(
@@ -824,6 +879,7 @@ def main(argv: list[str] | None = None) -> int:
         loss_chunk_size=training_args.loss_chunk_size,
         generation_eval=generation_eval_for(model_args, data_args, training_args, tokenizer, own),
     )
+    release_memory(trainer, training_args, log)
     if samples:
         add_sample_answers(trainer, samples, model_args, training_args, tokenizer, own, log)
     try:

@@ -139,6 +139,18 @@ def test_packed_rows_restart_positions_and_never_train_the_first_token():
     assert (batch["num_examples"].item(), batch["num_tokens"].item()) == (4, 31)
 
 
+def test_rows_padded_to_a_fixed_shape_keep_the_padding_a_segment_of_its_own():
+    packed = PackedDataset(ListDataset(EXAMPLES), 16, [len(e["input_ids"]) for e in EXAMPLES])
+    assert packed.longest_row == 16 == max(len(packed[i]["input_ids"]) for i in range(len(packed)))
+    batch = PackedCollator(PAD, pad_to_multiple_of=packed.longest_row)([packed[0]])  # a row of 15
+    assert batch["position_ids"].tolist() == [[*range(12), *range(3), 0]]
+    assert batch["labels"][0, -1] == X and batch["num_tokens"].item() == 15
+    flat = PackedCollator.for_backend(PAD, PACKED_SDPA)
+    flat.pad_to_multiple_of = 16
+    batch = flat([packed[0], packed[1]])  # 31 tokens -> 32; cu_seqlens hold the padding's segment
+    assert batch["input_ids"].shape == (1, 32) and batch["cu_seq_lens_q"].tolist() == [0, 12, 15, 24, 31, 32]
+
+
 def test_flattened_batch_for_flash_attention_has_no_padding_and_cu_seqlens():
     packed = PackedDataset(ListDataset(EXAMPLES), 16, [len(e["input_ids"]) for e in EXAMPLES])
     batch = PackedCollator.for_backend(PAD, "flash_attention_2")([packed[0], packed[1]])
@@ -209,10 +221,12 @@ def test_packed_rows_that_never_reach_a_checked_attention_raise():
 
 @pytest.mark.parametrize("attn", BACKENDS)
 @pytest.mark.parametrize("chunked", [True, False])
-def test_packed_loss_and_gradients_equal_the_padded_ones(attn, chunked, tmp_path):
+@pytest.mark.parametrize("pad_to", [None, 32])  # 32: the CPU's fixed row shape, padding a segment of its own
+def test_packed_loss_and_gradients_equal_the_padded_ones(attn, chunked, pad_to, tmp_path):
     model = tiny_model(attn)
     packed = PackedDataset(ListDataset(EXAMPLES), 16, [len(e["input_ids"]) for e in EXAMPLES])
     collator = PackedCollator.for_backend(PAD, attn)
+    collator.pad_to_multiple_of = pad_to
     packed_trainer = trainer_for(model, packed, collator, tmp_path, batch_size=3, chunked=chunked)
     padded_trainer = trainer_for(model, ListDataset(EXAMPLES), PadCollator(PAD), tmp_path, 6, chunked=False)
 
@@ -231,10 +245,8 @@ def test_packed_loss_and_gradients_equal_the_padded_ones(attn, chunked, tmp_path
         == num_items(padded_batch)
         == sum(sum(1 for t in e["labels"][1:] if t != X) for e in EXAMPLES)
     )
-    assert (
-        packed_batch["input_ids"].numel()
-        == (42 if attn == PACKED_SDPA else 48)
-        < padded_batch["input_ids"].numel()
+    assert packed_batch["input_ids"].numel() == (
+        (42 if attn == PACKED_SDPA else 48) if pad_to is None else (64 if attn == PACKED_SDPA else 96)
     )
     torch.testing.assert_close(packed_loss, padded_loss, atol=1e-5, rtol=1e-5)
     for name, grad in padded_grads.items():
@@ -330,6 +342,23 @@ def test_ptuning_falls_back_to_padding_and_says_so_once(toy_run, tmp_path, capsy
     assert "activation checkpointing: off" in out
 
 
+def test_on_the_cpu_rows_get_one_shape_and_freed_memory_goes_back_after_every_micro_batch(
+    toy_run, tmp_path, capsys, monkeypatch
+):
+    import chatft.train
+
+    trims = []
+    monkeypatch.setattr(chatft.train, "glibc_malloc_trim", lambda: lambda: trims.append(1))
+    history = toy_run(tmp_path / "a", "--method", "lora", "--max_steps", "2", "--micro_batch_size", "1")
+    out = capsys.readouterr().out
+    assert "rows padded to" in out and "freed memory goes back to the system" in out
+    assert len([e for e in history if "loss" in e]) == 2
+    assert len(trims) == 2 * 2  # two steps of two micro-batches each
+    trims.clear()
+    toy_run(tmp_path / "b", "--method", "lora", "--max_steps", "2", "--malloc_trim", "False")
+    assert not trims and "freed memory goes back" not in capsys.readouterr().out
+
+
 def test_malloc_threshold_is_left_alone_unless_asked(monkeypatch):
     from chatft.train import set_malloc_mmap_threshold
 
@@ -347,7 +376,10 @@ def test_packed_attention_on_a_gpu_is_flash_varlen_or_masked_sdpa(monkeypatch):
     said = []
     model = tiny_model("sdpa")
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    assert packed_attention(model, "sdpa", said.append, cuda=True) == "sdpa" and "block-diagonal mask" in said[-1]
+    assert (
+        packed_attention(model, "sdpa", said.append, cuda=True) == "sdpa"
+        and "block-diagonal mask" in said[-1]
+    )
     assert packed_attention(model, "eager", said.append, cuda=True) == "eager"
     assert packed_attention(model, "sdpa", said.append, cuda=False) == PACKED_SDPA
     assert model.config._attn_implementation == PACKED_SDPA

@@ -120,3 +120,28 @@ def test_xtuner_openai_messages_with_loss_flags(tmp_path):
         DEV_BATCH_SIZE="2", GRAD_ACCUMULATION_STEPS="1",
     )  # fmt: skip
     assert len(losses(tmp_path / "lora")) == 2
+
+
+def test_preference_walkthrough_reduced(tmp_path):
+    work = tmp_path / "pref"
+    stdout = sh(
+        "bash scripts/preference_walkthrough.sh",
+        WORK=str(work), N_PAIRS="6", N_HELDOUT="4", N_TABLE="2", MAX_NEW_TOKENS="8", SFT_STEPS="2", DPO_STEPS="2",
+    )  # fmt: skip
+    pairs = [json.loads(line) for line in (work / "pairs.jsonl").read_text().splitlines()]
+    base = [json.loads(line) for line in (work / "base_train.jsonl").read_text().splitlines()]
+    assert len(base) == 6 and 0 < len(pairs) <= 6
+    # chosen = the record's answer, rejected = the base model's own prediction of it
+    by_reference = {b["reference"]: b["prediction"] for b in base}
+    for p in pairs:
+        assert p["rejected"]["content"] == by_reference[p["chosen"]["content"]]
+    state = json.loads((work / "dpo" / "trainer_state.json").read_text())
+    evals = [e for e in state["log_history"] if "eval_loss" in e]
+    assert [e["step"] for e in evals] == [0, 2]  # held-out pairs before and after DPO
+    trained = [e for e in state["log_history"] if "loss" in e and "rewards/margins" in e]
+    assert trained and state["global_step"] == 2
+    dpo = json.loads((work / "scores_dpo.json").read_text())
+    assert dpo["pairs"] == len((work / "heldout_pairs.jsonl").read_text().splitlines())
+    assert 0 <= dpo["reward_accuracy"] <= 1 and "rewards (beta 0.1 x log-ratio to the reference)" in stdout
+    assert len((work / "dpo_answers.jsonl").read_text().splitlines()) == 2
+    assert "walkthrough took" in stdout

@@ -374,6 +374,15 @@ def set_malloc_mmap_threshold(threshold: int) -> bool:
         return False
 
 
+def start_process(training_args) -> Callable[[str], None]:
+    """What every stage sets up per process: glibc's mmap threshold, no pinned memory on the CPU (nothing to pin
+    for; torch would warn at every epoch). Returns the log function: the main process prints, the others not."""
+    set_malloc_mmap_threshold(training_args.malloc_mmap_threshold)
+    if training_args.device.type == "cpu":
+        training_args.dataloader_pin_memory = False
+    return print if training_args.process_index == 0 else (lambda _msg: None)
+
+
 def glibc_malloc_trim() -> Callable[[], object] | None:
     """glibc's malloc_trim(0) (every arena's free pages back to the system), or None where there is no glibc."""
     if not sys.platform.startswith("linux"):
@@ -806,11 +815,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    is_main = training_args.process_index == 0
-    log = print if is_main else (lambda _msg: None)
-    set_malloc_mmap_threshold(training_args.malloc_mmap_threshold)
-    if training_args.device.type == "cpu":
-        training_args.dataloader_pin_memory = False  # nothing to pin for; torch would warn at every epoch
+    log = start_process(training_args)
     try:
         tokenizer = load_tokenizer(model_args)
         samples = read_sample_prompts(training_args.sample_prompts) if training_args.sample_prompts else None

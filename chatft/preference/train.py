@@ -64,7 +64,7 @@ from chatft.train import (
     parse_args,
     plan_micro_batches,
     resolve_resume,
-    set_malloc_mmap_threshold,
+    start_process,
     write_run_args,
 )
 
@@ -313,11 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    is_main = training_args.process_index == 0
-    log = print if is_main else (lambda _msg: None)
-    set_malloc_mmap_threshold(training_args.malloc_mmap_threshold)
-    if training_args.device.type == "cpu":
-        training_args.dataloader_pin_memory = False
+    log = start_process(training_args)
     try:
         start_from(model_args, pref_args, log)
         tokenizer = load_tokenizer(model_args)

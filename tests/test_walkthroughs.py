@@ -138,8 +138,7 @@ def test_preference_walkthrough_reduced(tmp_path):
     state = json.loads((work / "dpo" / "trainer_state.json").read_text())
     evals = [e for e in state["log_history"] if "eval_loss" in e]
     assert [e["step"] for e in evals] == [0, 2]  # held-out pairs before and after DPO
-    trained = [e for e in state["log_history"] if "loss" in e and "rewards/margins" in e]
-    assert trained and state["global_step"] == 2
+    assert state["global_step"] == 2 and all("eval_rewards/margins" in e for e in evals)
     dpo = json.loads((work / "scores_dpo.json").read_text())
     assert dpo["pairs"] == len((work / "heldout_pairs.jsonl").read_text().splitlines())
     assert 0 <= dpo["reward_accuracy"] <= 1 and "rewards (beta 0.1 x log-ratio to the reference)" in stdout

@@ -718,16 +718,18 @@ def add_sample_answers(trainer, samples, model_args, training_args, tokenizer, a
     log(f"--sample_prompts: {len(samples)} prompt(s) answered at every evaluation and save and at the end")
 
 
-def data_refused(prepared: PreparedData, data_args: DataArguments) -> str | None:
-    if prepared.problems and not data_args.skip_invalid_records:
-        return (
-            f"{len(prepared.problems)} invalid record(s), listed above; fix them, or pass --skip_invalid_records "
-            "to train without them"
-        )
-    if prepared.problems:
-        print(f"skipping {len(prepared.problems)} invalid record(s) (--skip_invalid_records)")
-    if len(prepared.dataset) == 0:
-        return "no example left to train on"
+def data_refused(data_args: DataArguments, *prepared_sets) -> str | None:
+    """Why training cannot start on these prepared sets (None ones are absent: no eval file), or None."""
+    for prepared in filter(None, prepared_sets):
+        if prepared.problems and not data_args.skip_invalid_records:
+            return (
+                f"{len(prepared.problems)} invalid record(s), listed above; fix them, or pass "
+                "--skip_invalid_records to train without them"
+            )
+        if prepared.problems:
+            print(f"skipping {len(prepared.problems)} invalid record(s) (--skip_invalid_records)")
+        if len(prepared.dataset) == 0:
+            return "no example left to train on"
     return None
 
 
@@ -829,11 +831,10 @@ def main(argv: list[str] | None = None) -> int:
     except (DataFileError, TemplateError, ValueError) as e:  # InferError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for prepared in (train, evaluation):
-        refusal = prepared and data_refused(prepared, data_args)
-        if refusal:
-            print(f"error: {refusal}", file=sys.stderr)
-            return 1
+    refusal = data_refused(data_args, train, evaluation)
+    if refusal:
+        print(f"error: {refusal}", file=sys.stderr)
+        return 1
     packing = resolve_packing(model_args, data_args, log)
     log(f"precision: {training_args.precision} ({training_args.precision_why})")
     plan_micro_batches(model_args, data_args, training_args, log)

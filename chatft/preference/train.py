@@ -327,11 +327,10 @@ def main(argv: list[str] | None = None) -> int:
     except (DataFileError, TemplateError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for prepared in (train, evaluation):
-        refusal = prepared and data_refused(prepared, data_args)
-        if refusal:
-            print(f"error: {refusal}", file=sys.stderr)
-            return 1
+    refusal = data_refused(data_args, train, evaluation)
+    if refusal:
+        print(f"error: {refusal}", file=sys.stderr)
+        return 1
     if stage == "kto":
         training_args.train_sampling_strategy = (
             "sequential"  # TRL's KTO pairs each reply with its neighbour's

@@ -373,6 +373,19 @@ def test_invalid_data_stops_before_the_model_is_loaded(tmp_path, capsys):
     assert "trainable params" not in captured.out
 
 
+def test_an_invalid_eval_file_stops_training_too(data_file, tmp_path, capsys):
+    tokenizer_only = tmp_path / "tok"  # no weights: reaching the model load would fail differently
+    make_tokenizer().save_pretrained(tokenizer_only)
+    bad = tmp_path / "bad_eval.jsonl"
+    bad.write_text('{"messages": 3}\n')
+    argv = ["--model_name_or_path", str(tokenizer_only), "--train_file", data_file, "--eval_file", str(bad),
+            "--output_dir", str(tmp_path / "o")]  # fmt: skip
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert f"{bad}:1: messages: must be a list" in captured.out
+    assert "--skip_invalid_records" in captured.err and "trainable params" not in captured.out
+
+
 @pytest.mark.parametrize(
     "deepspeed,packing",
     [(None, "True"), (None, "False"), ("ds_zero2.json", "True"), ("ds_zero3.json", "True")],

@@ -8,6 +8,7 @@
 #
 #   bash bench/quality_advertisegen.sh              # all 110 dev records (about 20 minutes on a 2-core CPU)
 #   MAX_DEV=30 STEPS=40 bash bench/quality_advertisegen.sh
+#   PRECISION=fp32 OUT=output/quality_fp32 bash bench/quality_advertisegen.sh   # training precision (default: auto)
 #
 # Prints both scores, the before/after table and the wall time of each phase; files under $OUT.
 set -euo pipefail
@@ -16,6 +17,7 @@ DATA=${DATA:-../shared/data/AdvertiseGen}
 OUT=${OUT:-output/quality_advertisegen}
 STEPS=${STEPS:-120}
 MAX_DEV=${MAX_DEV:-}
+PRECISION=${PRECISION:-auto}
 mkdir -p "$OUT"
 
 timed() {  # name command...
@@ -41,7 +43,7 @@ timed train python finetune.py --method lora --train_file "$OUT/train.json" --ou
   --max_steps "$STEPS" --per_device_train_batch_size 4 --gradient_accumulation_steps 1 --learning_rate 2e-4 \
   --lr_scheduler_type linear --warmup_steps 0 --weight_decay 0 --max_grad_norm 1.0 --lora_rank 8 \
   --lora_alpha 16 --lora_dropout 0 --lora_target all-linear --max_seq_length 512 --seed 42 \
-  --packing False --group_by_length False --save_strategy no --logging_steps 10
+  --packing False --group_by_length False --save_strategy no --logging_steps 10 --precision "$PRECISION"
 timed predict_base python inference.py --input_file "$dev" --output_file "$OUT/base.jsonl" \
   --max_new_tokens 128 --batch_size 16 --eval
 timed predict_lora python inference.py --adapter "$OUT/lora" --input_file "$dev" --output_file "$OUT/tuned.jsonl" \

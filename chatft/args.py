@@ -135,8 +135,17 @@ class DataArguments:
         default=None,
         metadata={
             "help": "Pack whole examples into rows of up to max_seq_length tokens (padding-free, each example "
-            "attending only to itself; a batch item is then a row). Default: on for full, lora and qlora; "
-            "ptuning cannot pack and pads instead."
+            "attending only to itself). Default: on for full, lora and qlora; ptuning cannot pack and pads instead."
+        },
+    )
+    packed_batch_unit: str = field(
+        default="examples",
+        metadata={
+            "help": "What a packed run's per_device_train_batch_size counts. examples: batch x accumulation x "
+            "processes examples a step, turned into whole packed rows per process from the data's examples per "
+            "row (an epoch has about as many steps as unpacked). rows: a batch item is a packed row "
+            "(LLaMA-Factory's way; a step then holds several times the examples).",
+            "choices": ["examples", "rows"],
         },
     )
     preprocessing_cache: bool = field(

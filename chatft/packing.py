@@ -12,8 +12,13 @@
 - The padding at the end of a short row gets position ids 0, 1, ... too: it is a separate "example" of its own,
   never attended to by the real tokens, with labels -100.
 
-One row counts as one `per_device_train_batch_size` item: a step then holds several examples per row, which the
-Trainer logs as `examples_per_step` so packed and padded runs compare.
+A batch counts examples (`--packed_batch_unit examples`, the default): per_device_train_batch_size x accumulation
+x processes examples a step, turned into whole rows per process from the data's examples per row
+(`rows_per_process`: never more examples a step than asked, so a packed epoch has at least as many optimizer steps
+as a padded one). With
+`--packed_batch_unit rows` one row counts as one `per_device_train_batch_size` item (LLaMA-Factory's way): a step
+then holds several times the examples asked, and an epoch has that many times fewer steps. Either way the Trainer
+logs `examples_per_step`, so packed and padded runs compare.
 
 Empty rows fill an epoch up to a whole number of optimizer steps (`rows_multiple`: batch x accumulation x
 processes). Without them the last step of an epoch is short, and with several processes accelerate fills it by
@@ -25,6 +30,7 @@ the gradients, and every split of a step batches the same rows.
 from __future__ import annotations
 
 import bisect
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -61,6 +67,14 @@ def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]
             bins[b].append(i)
             bisect.insort(room, (left - n, b))
     return bins
+
+
+def rows_per_process(examples_per_step: int, examples_per_row: float, processes: int, rows: int) -> int:
+    """Packed rows each of `processes` puts in an optimizer step of `examples_per_step` examples: the most whole
+    rows that hold no more examples than that on average, so that packing never gives an epoch fewer optimizer
+    steps than padded batches would; at least one row, at most what makes one step of all `rows`."""
+    most = math.floor(examples_per_step / (examples_per_row * processes) + 1e-9)
+    return max(1, min(most, -(-rows // processes)))
 
 
 class PackedDataset(torch.utils.data.Dataset):

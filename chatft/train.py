@@ -13,8 +13,9 @@ Defaults that differ from transformers' TrainingArguments (everything else is th
 - activation_checkpointing: unset means "auto": on only where one micro-batch of one row does not fit the memory
   budget (chatft.machine.plan_step); never for ptuning.
 - --packing (DataArguments): unset means on for full / lora / qlora, off for ptuning (which cannot pack).
-  With packing, one batch item is a packed row of up to max_seq_length tokens, not an example; the log shows
-  examples_per_step, tokens_per_step and trained_tokens_per_step so that packed and padded runs compare. On the
+  With packing, per_device_train_batch_size still counts examples (--packed_batch_unit examples): a step's
+  examples are turned into whole packed rows of up to max_seq_length tokens (packed_step); the log
+  shows examples_per_step, tokens_per_step and trained_tokens_per_step so that packed and padded runs compare. On the
   CPU every row is padded to the longest row's length (one shape for oneDNN; the padding is a segment of its own).
 Why these defaults: bench/RESULTS.md (measured on this project's CPU).
 """
@@ -56,9 +57,11 @@ from chatft.methods import (
 from chatft.packing import (
     PackedDataset,
     PackingError,
+    best_fit_decreasing,
     expect_packed,
     install_isolation_guard,
     register_packed_sdpa,
+    rows_per_process,
 )
 from chatft.plot import plot_loss
 from chatft.preference import requested_stage
@@ -439,6 +442,29 @@ def resolve_packing(model_args: ModelArguments, data_args: DataArguments, log) -
     return data_args.packing is not False
 
 
+def packed_step(lengths: list[int], data_args: DataArguments, training_args, log) -> None:
+    """How many packed rows a step holds. --packed_batch_unit examples (the default): a step of
+    per_device_train_batch_size x accumulation x processes examples becomes whole rows per process, from the data's
+    examples per row (chatft.packing.rows_per_process). Counted in rows instead, a packed epoch has several times
+    fewer optimizer steps than a padded one at the same learning rate, and ends worse (bench/RESULTS.md, the
+    one-epoch race). How a process's rows are split into forward passes is then plan_micro_batches' choice."""
+    processes = max(1, training_args.world_size)
+    rows = len(best_fit_decreasing(lengths, data_args.max_seq_length))
+    per_row = len(lengths) / max(1, rows)
+    asked = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+    if data_args.packed_batch_unit == "examples" and lengths:
+        per_process = rows_per_process(asked * processes, per_row, processes, rows)
+        training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps = per_process, 1
+        asked_as, unit = f"of {asked * processes} examples (batch x accumulation x processes) ", ""
+    else:
+        per_process, asked_as, unit = asked, "", " (--packed_batch_unit rows)"
+    on = f" on each of {processes} processes" if processes > 1 else ""
+    log(
+        f"packing: a step {asked_as}is {per_process} packed row(s){on}{unit}: {per_row:.2f} examples per row, about "
+        f"{min(per_process * processes, rows) * per_row:.1f} examples a step (logged as examples_per_step)"
+    )
+
+
 def plan_micro_batches(model_args: ModelArguments, data_args: DataArguments, training_args, log) -> None:
     """A step of per_device_train_batch_size rows as micro-batches (chatft.machine.plan_step): the Trainer gets
     the micro-batch as its batch and the rest as more accumulation; checkpointing where it is left to chatft."""
@@ -487,13 +513,6 @@ def training_datasets(
             train.dataset, data_args.max_seq_length, train.stats.lengths, rows_multiple=per_step
         )
         log(packed_train.summary())
-        rows = sum(1 for row in packed_train.rows if row)
-        examples = (
-            min(per_step, rows) * len(packed_train.lengths) / rows
-        )  # a data set smaller than a step is all
-        log(
-            f"packing: a step is {per_step} rows, about {examples:.1f} examples (logged as examples_per_step)"
-        )
         packed_eval = (
             PackedDataset(evaluation.dataset, data_args.max_seq_length, evaluation.stats.lengths)
             if evaluation
@@ -836,6 +855,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {refusal}", file=sys.stderr)
         return 1
     packing = resolve_packing(model_args, data_args, log)
+    if packing:
+        packed_step(train.stats.lengths, data_args, training_args, log)
     log(f"precision: {training_args.precision} ({training_args.precision_why})")
     plan_micro_batches(model_args, data_args, training_args, log)
     if evaluation is not None and training_args.eval_strategy == "no":

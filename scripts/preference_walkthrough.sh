@@ -42,7 +42,7 @@ echo "== 2. the base model's own answers (greedy, up to $MAX_NEW_TOKENS tokens):
 
 echo "== 3. SFT: LoRA, $SFT_STEPS steps on the training split"
 "$PYTHON" finetune.py --method lora --train_file "$WORK/train.jsonl" --output_dir "$WORK/sft" \
-  --max_seq_length 512 --per_device_train_batch_size 2 --learning_rate 1e-3 --max_steps "$SFT_STEPS" \
+  --max_seq_length 512 --per_device_train_batch_size 5 --learning_rate 1e-3 --max_steps "$SFT_STEPS" \
   --lora_rank 16 --lora_alpha 32 --warmup_steps 5 --logging_steps 10 --save_steps "$SFT_STEPS" --seed 42 \
   | grep -v -- ' -> ' | grep -v '^Sanity Check\|Sanity Check$'
 

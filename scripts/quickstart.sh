@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data/ruozhiba_qa.json}
 WORK=${WORK:-output/quickstart}
 STEPS=${STEPS:-120}
-BATCH=${BATCH:-2}  # packed rows of up to 512 tokens: about 5 ruozhiba examples each
+BATCH=${BATCH:-5}  # examples a step: 2 packed rows of up to 512 tokens (about 2.3 ruozhiba examples each)
 LR=${LR:-1e-3}
 N_HELDOUT=${N_HELDOUT:-8}
 MAX_NEW_TOKENS=${MAX_NEW_TOKENS:-96}
@@ -30,7 +30,7 @@ echo "== 1. data: convert ruozhiba to OpenAI messages, split 7:3 (seed 42), hold
 head -n "$N_HELDOUT" "$WORK/test.jsonl" > "$WORK/heldout.jsonl"
 head -n 2 "$WORK/heldout.jsonl" > "$WORK/sample_prompts.jsonl"  # answered while training, at every save
 
-echo "== 2. LoRA fine-tune: $STEPS steps of $BATCH packed rows (the Sanity Check shows what is trained)"
+echo "== 2. LoRA fine-tune: $STEPS steps of $BATCH examples, packed (the Sanity Check shows what is trained)"
 "$PYTHON" finetune.py --method lora --train_file "$WORK/train.jsonl" --output_dir "$WORK/lora" \
   --max_seq_length 512 --per_device_train_batch_size "$BATCH" --learning_rate "$LR" --max_steps "$STEPS" \
   --lora_rank 16 --lora_alpha 32 --warmup_steps 10 --logging_steps "$(( STEPS < 20 ? 1 : 10 ))" --seed 42 \

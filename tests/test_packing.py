@@ -23,6 +23,7 @@ from chatft.packing import (
     best_fit_decreasing,
     expect_packed,
     register_packed_sdpa,
+    rows_per_process,
 )
 from chatft.train import ChatTrainer, main
 
@@ -299,6 +300,25 @@ def test_packed_sdpa_leaves_padded_batches_and_generation_to_plain_sdpa():
 CHATS = TOY_CHATS[:6]
 
 
+@pytest.mark.parametrize(
+    "examples,per_row,processes,rows,expected",
+    [
+        (4, 2.41, 1, 83, 1),  # 1.66 rows: 1 (2.4 examples a step, never more than asked)
+        (12, 2.41, 1, 83, 4),  # 4.98: 4
+        (12, 2.4, 1, 10, 5),  # exactly 5 rows' worth: 5
+        (2, 2.41, 1, 83, 1),  # 0.83: still one row
+        (10, 2.4, 2, 10, 2),  # 2.08 rows on each of 2 processes: 2 each
+        (8, 2.4, 2, 10, 1),  # 1.67 on each: 1 each
+        (64, 2.0, 1, 10, 10),  # more than the data: one step of all rows
+        (64, 2.0, 4, 10, 3),  # ... on 4 processes: 3 each (2 empty rows fill the step)
+    ],
+)
+def test_rows_per_process_turns_a_step_of_examples_into_whole_rows(
+    examples, per_row, processes, rows, expected
+):
+    assert rows_per_process(examples, per_row, processes, rows) == expected
+
+
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("packing_e2e")
@@ -325,7 +345,11 @@ def test_packing_is_the_default_and_steps_report_their_examples(toy_run, tmp_pat
     assert "once per example" in out  # --attn_implementation sdpa runs as chatft's packed sdpa
     steps = [e for e in history if "loss" in e]
     assert sum(e["examples_per_step"] for e in steps) == 6  # one epoch sees every example once
-    assert len(steps) < 3  # fewer steps than padded batches of 2 examples: a row holds several examples
+    assert (
+        "6 examples into 3 rows" in out
+        and "a step of 2 examples (batch x accumulation x processes) is 1 " in out
+    )
+    assert len(steps) == 3  # as many steps as padded batches of 2 examples: a batch counts examples
     final = history[-1]
     assert final["train_examples"] == 6 and final["train_trained_tokens"] > 0
 
@@ -333,6 +357,12 @@ def test_packing_is_the_default_and_steps_report_their_examples(toy_run, tmp_pat
     assert "sampling group_by_length" in capsys.readouterr().out
     assert [e["examples_per_step"] for e in padded if "loss" in e] == [2, 2, 2]
     assert padded[-1]["train_trained_tokens"] == final["train_trained_tokens"]
+
+    # counted in rows: 3 rows in steps of 2 rows (1 empty row fills the last)
+    rows = toy_run(
+        tmp_path / "rows", "--method", "lora", "--num_train_epochs", "1", "--packed_batch_unit", "rows"
+    )
+    assert len([e for e in rows if "loss" in e]) == 2
 
 
 def test_ptuning_falls_back_to_padding_and_says_so_once(toy_run, tmp_path, capsys):
@@ -349,7 +379,8 @@ def test_on_the_cpu_rows_get_one_shape_and_freed_memory_goes_back_after_every_mi
 
     trims = []
     monkeypatch.setattr(chatft.train, "glibc_malloc_trim", lambda: lambda: trims.append(1))
-    history = toy_run(tmp_path / "a", "--method", "lora", "--max_steps", "2", "--micro_batch_size", "1")
+    two_rows = ["--micro_batch_size", "1", "--packed_batch_unit", "rows"]
+    history = toy_run(tmp_path / "a", "--method", "lora", "--max_steps", "2", *two_rows)
     out = capsys.readouterr().out
     assert "rows padded to" in out and "freed memory goes back to the system" in out
     assert len([e for e in history if "loss" in e]) == 2

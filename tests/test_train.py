@@ -108,14 +108,17 @@ def test_method_end_to_end(tiny_model, data_file, tmp_path, method, extra):
 
 @pytest.fixture(scope="module")
 def many_file(tmp_path_factory) -> str:
-    """24 chats of 16-80 tokens: with --max_seq_length 96, 10 packed rows (3 steps of 4 rows an epoch, the last
-    one short) or 6 padded batches of 4, so 5 steps cross an epoch boundary either way."""
+    """24 chats of 16-80 tokens: with --max_seq_length 96, 10 packed rows of 2.4 examples (a batch of 10 examples
+    is 4 rows: 3 steps an epoch, the last one filled with 2 empty rows), or 6 padded batches of 4, so 5 steps
+    cross an epoch boundary either way."""
     f = tmp_path_factory.mktemp("many") / "many.jsonl"
     f.write_text(openai_jsonl(many_chats(24)))
     return str(f)
 
 
 SPLITS = [("4", "1"), ("2", "2"), ("1", "4")]  # per-device batch x accumulation: one step of 4
+# packed, the splits are of rows (--packed_batch_unit rows): counted in examples, every split of 4 examples becomes
+# the same row a step (test_a_packed_batch_counts_examples; micro-batches of those rows: tests/test_machine.py)
 
 
 @pytest.mark.parametrize("packing", ["True", "False"])
@@ -123,7 +126,7 @@ def test_any_split_of_a_step_logs_the_same_losses_and_trains_the_same_weights(
     tiny_model, many_file, tmp_path, capsys, packing
 ):
     common = ["--method", "full", "--max_steps", "5", "--max_seq_length", "96", "--packing", packing,
-              "--learning_rate", "1e-3", "--save_strategy", "no"]  # fmt: skip
+              "--packed_batch_unit", "rows", "--learning_rate", "1e-3", "--save_strategy", "no"]  # fmt: skip
     results = []
     for batch, accumulation in SPLITS:
         out = tmp_path / f"b{batch}x{accumulation}"
@@ -149,11 +152,12 @@ def test_any_split_of_a_step_logs_the_same_losses_and_trains_the_same_weights(
             torch.testing.assert_close(other_weights[k], weights[k], atol=1e-5, rtol=1e-4)
 
 
-# per method: extra arguments, with a batch that makes an epoch 3 steps of many_file (packed: 10 rows and 2 empty
-# ones in steps of 4; P-Tuning pads: 24 examples in steps of 8), so a kill at step 5 resumes inside epoch 2
+# per method: extra arguments, with a batch that makes an epoch 3 steps of many_file (packed: 10 examples a step
+# are 4 rows, 10 rows and 2 empty ones; P-Tuning pads: 24 examples in steps of 8), so a kill at step 5 resumes
+# inside epoch 2
 RESUMED = {
-    "lora-dropout": ["--method", "lora", "--lora_dropout", "0.1", "--per_device_train_batch_size", "4"],
-    "full": ["--method", "full", "--per_device_train_batch_size", "4"],
+    "lora-dropout": ["--method", "lora", "--lora_dropout", "0.1", "--per_device_train_batch_size", "10"],
+    "full": ["--method", "full", "--per_device_train_batch_size", "10"],
     "ptuning": ["--method", "ptuning", "--pre_seq_len", "4", "--per_device_train_batch_size", "8"],
     "ptuning-projection": ["--method", "ptuning", "--pre_seq_len", "4", "--prefix_projection", "True",
                            "--per_device_train_batch_size", "8"],
@@ -391,26 +395,29 @@ def test_an_invalid_eval_file_stops_training_too(data_file, tmp_path, capsys):
     [(None, "True"), (None, "False"), ("ds_zero2.json", "True"), ("ds_zero3.json", "True")],
     ids=["ddp-packed", "ddp-padded", "zero2", "zero3"],
 )
-def test_two_processes_of_batch_2_train_as_one_process_of_batch_4(
+def test_two_processes_of_half_the_batch_train_as_one_process_of_the_whole(
     tiny_model, many_file, tmp_path, deepspeed, packing
 ):
     """The loss is normalised over the trained tokens of the whole step on every process: the same logged losses
-    and the same weights (ZeRO-3's gathered at save) as one process with the whole step."""
+    and the same weights (ZeRO-3's gathered at save) as one process with the whole step. A step of 10 examples:
+    packed, 4 rows (one process) or 2 rows on each of two; padded, 10 examples or 5 on each; 3 steps an epoch."""
     common = ["--method", "full", "--max_steps", "4", "--max_seq_length", "96", "--packing", packing,
               "--learning_rate", "1e-3", "--save_strategy", "no"]  # fmt: skip
     one = tmp_path / "one"
-    assert run(tiny_model, many_file, one, *common, "--per_device_train_batch_size", "4") == 0
+    assert run(tiny_model, many_file, one, *common, "--per_device_train_batch_size", "10") == 0
     two = tmp_path / "two"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
         str(ROOT / "finetune.py"), "--model_name_or_path", tiny_model, "--train_file", many_file,
-        "--output_dir", str(two), "--per_device_train_batch_size", "2", "--logging_steps", "1", "--report_to", "none",
+        "--output_dir", str(two), "--per_device_train_batch_size", "5", "--logging_steps", "1", "--report_to", "none",
         "--seed", "42", "--dataloader_num_workers", "0", *FP32, *common,
     ]  # fmt: skip
     if deepspeed:
         cmd += ["--deepspeed", str(ROOT / "configs" / deepspeed)]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    if packing == "True":
+        assert "is 2 packed row(s) on each of 2 processes" in r.stdout + r.stderr
     losses = logged_losses(one)
     assert sorted(losses) == [1, 2, 3, 4] and len(set(losses.values())) == 4
     assert logged_losses(two) == pytest.approx(losses, abs=1e-5)
@@ -421,6 +428,22 @@ def test_two_processes_of_batch_2_train_as_one_process_of_batch_4(
     for k in mine:
         torch.testing.assert_close(theirs[k], mine[k], atol=1e-5, rtol=1e-4)
     assert (two / "tokenizer.json").exists()
+
+
+@pytest.mark.parametrize(
+    "unit,rows,steps", [("examples", 1, 10), ("rows", 4, 3)]
+)  # 24 examples in 10 rows: a step of 4 examples is 1 row (10 steps), of 4 rows 3 steps (2 empty rows)
+def test_a_packed_batch_counts_examples_unless_asked_for_rows(
+    tiny_model, many_file, tmp_path, capsys, unit, rows, steps
+):
+    argv = ["--method", "lora", "--num_train_epochs", "1", "--max_seq_length", "96", "--save_strategy", "no",
+            "--per_device_train_batch_size", "4", "--packed_batch_unit", unit]  # fmt: skip
+    assert run(tiny_model, many_file, tmp_path, *argv) == 0
+    assert f"is {rows} packed row(s)" in capsys.readouterr().out
+    history = json.loads((tmp_path / "trainer_state.json").read_text())["log_history"]
+    logged = [e for e in history if "loss" in e]
+    assert len(logged) == steps
+    assert sum(e["examples_per_step"] for e in logged) == 24  # the epoch, each example once
 
 
 def free_port() -> int:

@@ -14,11 +14,10 @@
 
 A batch counts examples (`--packed_batch_unit examples`, the default): per_device_train_batch_size x accumulation
 x processes examples a step, turned into whole rows per process from the data's examples per row
-(`rows_per_process`: never more examples a step than asked, so a packed epoch has at least as many optimizer steps
-as a padded one). With
-`--packed_batch_unit rows` one row counts as one `per_device_train_batch_size` item (LLaMA-Factory's way): a step
-then holds several times the examples asked, and an epoch has that many times fewer steps. Either way the Trainer
-logs `examples_per_step`, so packed and padded runs compare.
+(`rows_per_process`: never more examples a step than asked, so a packed epoch has at least as many optimizer
+steps as a padded one). With `--packed_batch_unit rows` one row counts as one `per_device_train_batch_size` item
+(LLaMA-Factory's way): a step then holds several times the examples asked, and an epoch that many times fewer
+steps. Either way the Trainer logs `examples_per_step`, so packed and padded runs compare.
 
 Empty rows fill an epoch up to a whole number of optimizer steps (`rows_multiple`: batch x accumulation x
 processes). Without them the last step of an epoch is short, and with several processes accelerate fills it by

@@ -14,8 +14,8 @@ Defaults that differ from transformers' TrainingArguments (everything else is th
   budget (chatft.machine.plan_step); never for ptuning.
 - --packing (DataArguments): unset means on for full / lora / qlora, off for ptuning (which cannot pack).
   With packing, per_device_train_batch_size still counts examples (--packed_batch_unit examples): a step's
-  examples are turned into whole packed rows of up to max_seq_length tokens (packed_step); the log
-  shows examples_per_step, tokens_per_step and trained_tokens_per_step so that packed and padded runs compare. On the
+  examples are turned into whole packed rows of up to max_seq_length tokens (packed_step); the log shows
+  examples_per_step, tokens_per_step and trained_tokens_per_step so that packed and padded runs compare. On the
   CPU every row is padded to the longest row's length (one shape for oneDNN; the padding is a segment of its own).
 Why these defaults: bench/RESULTS.md (measured on this project's CPU).
 """
@@ -498,6 +498,20 @@ def plan_micro_batches(model_args: ModelArguments, data_args: DataArguments, tra
             log(f"activation checkpointing: {'on' if on else 'off'} (auto)")
 
 
+def sync_deepspeed_batch(training_args) -> None:
+    """DeepSpeed's configuration took the batch sizes ("auto") when the arguments were parsed; packed_step and
+    plan_micro_batches may have changed them since: it gets the step as it runs."""
+    ds = getattr(training_args, "hf_deepspeed_config", None)
+    if ds is None:
+        return
+    micro, accumulation = training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps
+    ds.config.update(
+        train_micro_batch_size_per_gpu=micro,
+        gradient_accumulation_steps=accumulation,
+        train_batch_size=micro * accumulation * max(1, training_args.world_size),
+    )
+
+
 def training_datasets(
     train: PreparedData, evaluation: PreparedData | None, packing: bool, data_args, training_args, log
 ):
@@ -859,6 +873,7 @@ def main(argv: list[str] | None = None) -> int:
         packed_step(train.stats.lengths, data_args, training_args, log)
     log(f"precision: {training_args.precision} ({training_args.precision_why})")
     plan_micro_batches(model_args, data_args, training_args, log)
+    sync_deepspeed_batch(training_args)
     if evaluation is not None and training_args.eval_strategy == "no":
         training_args.eval_strategy = "steps"
         training_args.eval_steps = training_args.eval_steps or training_args.save_steps

@@ -1,20 +1,30 @@
 """finetune.py in a process that SIGKILLs itself at the end of one step, after the checkpoints saved up to then
 and before that step's own save or log: a run cut by a crash or the out-of-memory killer, for the resume tests.
 
-python tests/killed_run.py STEP [finetune.py arguments...]
+python tests/killed_run.py STEP [finetune.py arguments...]     (tests call run_killed(STEP, argv))
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
 from transformers import TrainerCallback
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the repository
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from the repository
 from chatft import train  # noqa: E402
+
+
+def run_killed(step: int, argv: list[str]) -> None:
+    """finetune.py argv in a process of its own, killed at the end of `step`; its output shown if it was not."""
+    r = subprocess.run(
+        [sys.executable, __file__, str(step), *argv], capture_output=True, text=True, cwd=ROOT, timeout=300
+    )
+    assert r.returncode == -signal.SIGKILL, r.stdout[-2000:] + r.stderr[-2000:]
 
 
 class KillAtStep(TrainerCallback):

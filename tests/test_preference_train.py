@@ -2,13 +2,11 @@
 (CPU, seconds each): the reference model, the reward margin, accumulation and kill-and-resume as in SFT."""
 
 import json
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from killed_run import run_killed
 from safetensors.torch import load_file
 from toy import ids, make_tokenizer, many_chats, save_tiny_model
 from transformers import AutoModelForCausalLM
@@ -164,11 +162,7 @@ def test_a_killed_dpo_run_resumes_to_the_same_losses_and_weights(tiny_model, pai
     argv = ["--stage", "dpo", "--model_name_or_path", tiny_model, "--train_file", pairs_file, "--output_dir",
             str(killed), "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--logging_steps", "1",
             "--report_to", "none", "--seed", "42", "--dataloader_num_workers", "0", *FP32, *common]  # fmt: skip
-    r = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "killed_run.py"), "5", *argv],
-        capture_output=True, text=True, cwd=ROOT, timeout=300,
-    )  # fmt: skip
-    assert r.returncode == -signal.SIGKILL, r.stdout[-2000:] + r.stderr[-2000:]
+    run_killed(5, argv)
     assert sorted(p.name for p in killed.glob("checkpoint-*")) == ["checkpoint-4"]
     capsys.readouterr()
     assert main([*argv, "--resume_from_checkpoint", "auto"]) == 0

@@ -1,18 +1,18 @@
 """finetune.py end to end on a tiny model built from a config and the toy tokenizer (CPU, seconds each)."""
 
 import json
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from killed_run import run_killed
 from safetensors.torch import load_file
 from toy import CHATS, make_tokenizer, many_chats, openai_jsonl, save_tiny_model
 from transformers import AutoModelForCausalLM
 
-from chatft.train import main, parse_args
+from chatft.train import main, parse_args, sync_deepspeed_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -176,11 +176,7 @@ def test_a_killed_run_resumes_to_the_same_losses_and_weights(tiny_model, many_fi
     argv = ["--model_name_or_path", tiny_model, "--train_file", many_file, "--output_dir", str(killed),
             "--logging_steps", "1", "--report_to", "none", "--seed", "42", "--dataloader_num_workers", "0", *FP32,
             *common]  # fmt: skip
-    r = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "killed_run.py"), "5", *argv],
-        capture_output=True, text=True, cwd=ROOT, timeout=300,
-    )  # fmt: skip
-    assert r.returncode == -signal.SIGKILL, r.stdout[-2000:] + r.stderr[-2000:]
+    run_killed(5, argv)
     assert sorted(p.name for p in killed.glob("checkpoint-*")) == ["checkpoint-4"]
     assert main([*argv, "--resume_from_checkpoint", "auto"]) == 0
     a, b = logged_losses(whole), logged_losses(killed)  # steps 1-4 come with the checkpoint's state
@@ -444,6 +440,20 @@ def test_a_packed_batch_counts_examples_unless_asked_for_rows(
     logged = [e for e in history if "loss" in e]
     assert len(logged) == steps
     assert sum(e["examples_per_step"] for e in logged) == 24  # the epoch, each example once
+
+
+def test_deepspeed_is_told_the_step_as_chatft_splits_it(tmp_path):
+    """DeepSpeed's "auto" batch sizes are filled when the arguments are parsed; a packed step turned into rows and
+    micro-batches changes them after that, and DeepSpeed must get the step as it runs."""
+    argv = ["--train_file", "x.jsonl", "--output_dir", str(tmp_path), "--per_device_train_batch_size", "10",
+            "--deepspeed", str(ROOT / "configs" / "ds_zero2.json")]  # fmt: skip
+    _, _, args = parse_args(argv)
+    config = args.hf_deepspeed_config.config
+    assert config["train_micro_batch_size_per_gpu"] == 10 and config["gradient_accumulation_steps"] == 1
+    args.per_device_train_batch_size, args.gradient_accumulation_steps = 2, 3
+    sync_deepspeed_batch(args)
+    assert config["train_micro_batch_size_per_gpu"] == 2 and config["gradient_accumulation_steps"] == 3
+    assert config["train_batch_size"] == 6
 
 
 def free_port() -> int:

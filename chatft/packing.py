@@ -19,8 +19,8 @@ steps as a padded one). With `--packed_batch_unit rows` one row counts as one `p
 (LLaMA-Factory's way): a step then holds several times the examples asked, and an epoch that many times fewer
 steps. Either way the Trainer logs `examples_per_step`, so packed and padded runs compare.
 
-Empty rows fill an epoch up to a whole number of optimizer steps (`rows_multiple`: batch x accumulation x
-processes). Without them the last step of an epoch is short, and with several processes accelerate fills it by
+Empty rows fill an epoch up to a whole number of optimizer steps (`fill_steps`: batch x accumulation x
+processes rows). Without them the last step of an epoch is short, and with several processes accelerate fills it by
 repeating the epoch's first rows: those rows would be trained twice, and a run on 2 processes would train
 differently from one on a single process. An empty row has no trained token, so it changes neither the loss nor
 the gradients, and every split of a step batches the same rows.
@@ -79,9 +79,7 @@ def rows_per_process(examples_per_step: int, examples_per_row: float, processes:
 class PackedDataset(torch.utils.data.Dataset):
     """Rows of packed examples over a dataset of {input_ids, labels}; built lazily, one row per item."""
 
-    def __init__(
-        self, examples, max_seq_length: int, lengths: Sequence[int] | None = None, rows_multiple: int = 1
-    ) -> None:
+    def __init__(self, examples, max_seq_length: int, lengths: Sequence[int] | None = None) -> None:
         self.examples = (
             examples.select_columns(["input_ids", "labels"])
             if hasattr(examples, "select_columns")
@@ -92,10 +90,23 @@ class PackedDataset(torch.utils.data.Dataset):
         self.lengths = list(lengths)
         self.max_seq_length = max_seq_length
         self.rows = best_fit_decreasing(self.lengths, max_seq_length)
-        self.rows += [[] for _ in range(-len(self.rows) % max(1, rows_multiple))]  # empty rows: see the top
+
+    def fill_steps(self, rows_per_step: int) -> None:
+        """Empty rows up to a whole number of steps of rows_per_step rows (see the top)."""
+        self.rows += [[] for _ in range(-len(self.rows) % max(1, rows_per_step))]
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    @property
+    def packed_rows(self) -> int:
+        """Rows holding examples (not the empty ones that fill the last step)."""
+        return sum(1 for row in self.rows if row)
+
+    @property
+    def examples_per_row(self) -> float:
+        rows = self.packed_rows
+        return len(self.lengths) / rows if rows else 0.0
 
     @property
     def longest_row(self) -> int:
@@ -118,9 +129,9 @@ class PackedDataset(torch.utils.data.Dataset):
     def summary(self) -> str:
         """One line: examples, rows, fill, examples per row."""
         tokens = sum(self.lengths)
-        rows = sum(1 for row in self.rows if row)
+        rows = self.packed_rows
         fill = tokens / (rows * self.max_seq_length) if rows else 0.0
-        per_row = len(self.lengths) / rows if rows else 0.0
+        per_row = self.examples_per_row
         empty = len(self.rows) - rows
         filled = f"; {empty} empty row(s) complete the last step of an epoch" if empty else ""
         return (

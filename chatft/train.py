@@ -57,7 +57,6 @@ from chatft.methods import (
 from chatft.packing import (
     PackedDataset,
     PackingError,
-    best_fit_decreasing,
     expect_packed,
     install_isolation_guard,
     register_packed_sdpa,
@@ -442,17 +441,16 @@ def resolve_packing(model_args: ModelArguments, data_args: DataArguments, log) -
     return data_args.packing is not False
 
 
-def packed_step(lengths: list[int], data_args: DataArguments, training_args, log) -> None:
+def packed_step(packed: PackedDataset, data_args: DataArguments, training_args, log) -> None:
     """How many packed rows a step holds. --packed_batch_unit examples (the default): a step of
     per_device_train_batch_size x accumulation x processes examples becomes whole rows per process, from the data's
     examples per row (chatft.packing.rows_per_process). Counted in rows instead, a packed epoch has several times
     fewer optimizer steps than a padded one at the same learning rate, and ends worse (bench/RESULTS.md, the
     one-epoch race). How a process's rows are split into forward passes is then plan_micro_batches' choice."""
     processes = max(1, training_args.world_size)
-    rows = len(best_fit_decreasing(lengths, data_args.max_seq_length))
-    per_row = len(lengths) / max(1, rows)
+    rows, per_row = packed.packed_rows, packed.examples_per_row
     asked = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
-    if data_args.packed_batch_unit == "examples" and lengths:
+    if data_args.packed_batch_unit == "examples":
         per_process = rows_per_process(asked * processes, per_row, processes, rows)
         training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps = per_process, 1
         asked_as, unit = f"of {asked * processes} examples (batch x accumulation x processes) ", ""
@@ -513,19 +511,23 @@ def sync_deepspeed_batch(training_args) -> None:
 
 
 def training_datasets(
-    train: PreparedData, evaluation: PreparedData | None, packing: bool, data_args, training_args, log
+    train: PreparedData,
+    evaluation: PreparedData | None,
+    packed_train: PackedDataset | None,
+    data_args,
+    training_args,
+    log,
 ):
-    """The datasets the Trainer gets: packed rows, or examples (with a length column to group them by), each
-    filled up to a whole number of optimizer steps with empty items (chatft.packing says why)."""
+    """The datasets the Trainer gets: the packed rows (packed_train, when packing), or examples (with a length
+    column to group them by), each filled up to a whole number of optimizer steps with empty items
+    (chatft.packing says why)."""
     per_step = (
         training_args.per_device_train_batch_size
         * training_args.gradient_accumulation_steps
         * max(1, training_args.world_size)
     )
-    if packing:
-        packed_train = PackedDataset(
-            train.dataset, data_args.max_seq_length, train.stats.lengths, rows_multiple=per_step
-        )
+    if packed_train is not None:
+        packed_train.fill_steps(per_step)
         log(packed_train.summary())
         packed_eval = (
             PackedDataset(evaluation.dataset, data_args.max_seq_length, evaluation.stats.lengths)
@@ -869,8 +871,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {refusal}", file=sys.stderr)
         return 1
     packing = resolve_packing(model_args, data_args, log)
-    if packing:
-        packed_step(train.stats.lengths, data_args, training_args, log)
+    packed_train = (
+        PackedDataset(train.dataset, data_args.max_seq_length, train.stats.lengths) if packing else None
+    )
+    if packed_train is not None:
+        packed_step(packed_train, data_args, training_args, log)
     log(f"precision: {training_args.precision} ({training_args.precision_why})")
     plan_micro_batches(model_args, data_args, training_args, log)
     sync_deepspeed_batch(training_args)
@@ -896,7 +901,7 @@ def main(argv: list[str] | None = None) -> int:
         | {"formats": train.formats, "closing_tokens": train.stats.closing_tokens},
         "training": training_args.to_dict(),
     }
-    train_set, eval_set = training_datasets(train, evaluation, packing, data_args, training_args, log)
+    train_set, eval_set = training_datasets(train, evaluation, packed_train, data_args, training_args, log)
     own = attn = base_model(model).config._attn_implementation  # as loaded: the model's choice or the user's
     if packing:
         attn = packed_attention(model, own, log, torch.cuda.is_available() and not training_args.use_cpu)

@@ -144,8 +144,7 @@ class DataArguments:
             "help": "What a packed run's per_device_train_batch_size counts. examples: batch x accumulation x "
             "processes examples a step, turned into whole packed rows per process from the data's examples per "
             "row, never more examples than asked (an epoch has at least as many steps as unpacked). rows: a batch "
-            "item is a packed row "
-            "(LLaMA-Factory's way; a step then holds several times the examples).",
+            "item is a packed row (LLaMA-Factory's way; a step then holds several times the examples).",
             "choices": ["examples", "rows"],
         },
     )

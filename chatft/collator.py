@@ -22,15 +22,19 @@ FLATTENING_BACKENDS = ("flash_attention_2", "flash_attention_3", "flex_attention
 CU_SEQLENS_BACKENDS = ("flash_attention_2", "flash_attention_3", PACKED_SDPA)
 
 
+def padded_length(lengths, multiple: int | None) -> int:
+    """The longest of lengths (at least 1: a batch of empty items is one pad token), rounded up to `multiple`."""
+    longest = max(1, *lengths)
+    return -(-longest // multiple) * multiple if multiple else longest
+
+
 @dataclass
 class PadCollator:
     pad_token_id: int
     pad_to_multiple_of: int | None = None
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        longest = max(1, *(len(f["input_ids"]) for f in features))
-        if self.pad_to_multiple_of:
-            longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        longest = padded_length((len(f["input_ids"]) for f in features), self.pad_to_multiple_of)
         input_ids, labels, mask = [], [], []
         for f in features:
             n = len(f["input_ids"])
@@ -54,9 +58,9 @@ class PackedCollator:
     """Packed rows (chatft.packing.PackedDataset items) -> input_ids, labels, position_ids; no attention_mask.
 
     Rows are padded to the longest row of the batch (rounded up to pad_to_multiple_of: a fixed shape); the padding
-    restarts the position ids, so it is a segment of its own. flatten=True (flash / flex / chatft's packed sdpa) puts the whole batch in one row instead: no padding
-    at all, and with flash_kwargs the sequence boundaries also go in explicitly as cu_seq_lens (no inference per
-    layer).
+    restarts the position ids, so it is a segment of its own. flatten=True (flash / flex / chatft's packed sdpa)
+    puts the whole batch in one row instead: no padding at all, and with flash_kwargs the sequence boundaries also
+    go in explicitly as cu_seq_lens (no inference per layer).
     """
 
     pad_token_id: int
@@ -84,9 +88,7 @@ class PackedCollator:
             ]
         else:
             rows = [(f["input_ids"], f["labels"], f["seq_lens"]) for f in features]
-        longest = max(1, *(len(ids) for ids, _, _ in rows))  # a batch of empty rows is one pad token
-        if self.pad_to_multiple_of:
-            longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        longest = padded_length((len(ids) for ids, _, _ in rows), self.pad_to_multiple_of)
         input_ids, labels, positions = [], [], []
         for ids, lab, seq_lens in rows:
             pad = longest - len(ids)

@@ -465,7 +465,8 @@ def packed_step(packed: PackedDataset, data_args: DataArguments, training_args, 
 
 def plan_micro_batches(model_args: ModelArguments, data_args: DataArguments, training_args, log) -> None:
     """A step of per_device_train_batch_size rows as micro-batches (chatft.machine.plan_step): the Trainer gets
-    the micro-batch as its batch and the rest as more accumulation; checkpointing where it is left to chatft."""
+    the micro-batch as its batch and the rest as more accumulation; checkpointing where it is left to chatft.
+    Every stage calls it last among what sets the batch, so DeepSpeed is told the step here."""
     batch = training_args.per_device_train_batch_size
     plan = plan_step(
         batch,
@@ -494,6 +495,7 @@ def plan_micro_batches(model_args: ModelArguments, data_args: DataArguments, tra
             log("activation checkpointing: would be needed, but P-Tuning v2 cannot use it")
         else:
             log(f"activation checkpointing: {'on' if on else 'off'} (auto)")
+    sync_deepspeed_batch(training_args)
 
 
 def sync_deepspeed_batch(training_args) -> None:
@@ -878,7 +880,6 @@ def main(argv: list[str] | None = None) -> int:
         packed_step(packed_train, data_args, training_args, log)
     log(f"precision: {training_args.precision} ({training_args.precision_why})")
     plan_micro_batches(model_args, data_args, training_args, log)
-    sync_deepspeed_batch(training_args)
     if evaluation is not None and training_args.eval_strategy == "no":
         training_args.eval_strategy = "steps"
         training_args.eval_steps = training_args.eval_steps or training_args.save_steps

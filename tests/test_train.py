@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from toy import CHATS, make_tokenizer, many_chats, openai_jsonl, save_tiny_model
 from transformers import AutoModelForCausalLM
 
-from chatft.train import main, parse_args, sync_deepspeed_batch
+from chatft.train import main, parse_args, plan_micro_batches, sync_deepspeed_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -454,6 +454,13 @@ def test_deepspeed_is_told_the_step_as_chatft_splits_it(tmp_path):
     sync_deepspeed_batch(args)
     assert config["train_micro_batch_size_per_gpu"] == 2 and config["gradient_accumulation_steps"] == 3
     assert config["train_batch_size"] == 6
+    # the micro-batch plan, which SFT and preference training both run last, tells it itself
+    model_args, data_args, args = parse_args([*argv, "--micro_batch_size", "2"])
+    config = args.hf_deepspeed_config.config
+    plan_micro_batches(model_args, data_args, args, lambda _msg: None)
+    assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (2, 5)
+    assert config["train_micro_batch_size_per_gpu"] == 2 and config["gradient_accumulation_steps"] == 5
+    assert config["train_batch_size"] == 10
 
 
 def free_port() -> int:

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The README's test command: install what is missing, prepare the default model, run the whole test suite.
+# The README's test command: install what is missing (the Python packages, then the browser and Go for two tests),
+# prepare the default model, run the whole test suite, printing the 15 slowest tests at the end.
 # Extra arguments go to pytest (e.g. -m "not real_model" for the unit tests alone, in seconds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
+bash scripts/install_test_tools.sh
 bash scripts/get_demo_model.sh
-python3 -m pytest -q "$@"
+python3 -m pytest -q --durations=15 "$@"

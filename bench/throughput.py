@@ -1,6 +1,6 @@
 """Training throughput and memory: padded, length-grouped and packed runs of the same real data, side by side.
 
-Each variant is one real `finetune` run (chatft.train.main, the same code path as the command line) for a fixed
+Each variant is one real `finetune` run (chatft.training.stages.main, the same code path as the command line) for a fixed
 number of steps, in its own subprocess, so that its peak RSS is its own (os.wait4). Printed per variant:
 trained tokens/s (label != -100), non-pad tokens/s, padding share, examples per step, peak RSS, final loss (mean
 of the last 5 steps) and the loss on a held-out set evaluated at the last step; then ratios against the padded
@@ -223,7 +223,8 @@ def worker(spec: dict) -> int:
     """Runs inside the child: one finetune run, timed step by step, then its figures."""
     from transformers import TrainerCallback
 
-    import chatft.train
+    import chatft.training.sft
+    import chatft.training.stages
 
     step_seconds: list[float] = []
 
@@ -236,12 +237,12 @@ def worker(spec: dict) -> int:
         def on_step_end(self, args, state, control, **kwargs):
             step_seconds.append(time.perf_counter() - self.start)
 
-    class TimedTrainer(chatft.train.ChatTrainer):
+    class TimedTrainer(chatft.training.sft.ChatTrainer):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.add_callback(StepTimer())
 
-    chatft.train.ChatTrainer = TimedTrainer  # main() builds its Trainer by this name
+    chatft.training.sft.ChatTrainer = TimedTrainer  # the SFT stage builds its Trainer by this name
     out = Path(spec["out"])
     argv = [
         "--model_name_or_path", spec["model"], "--train_file", spec["train_file"], "--train_format", "alpaca",
@@ -273,7 +274,7 @@ def worker(spec: dict) -> int:
         argv += ["--bf16", "True"]
     if spec["device"] == "cpu":
         argv += ["--use_cpu", "True"]
-    rc = chatft.train.main(argv)
+    rc = chatft.training.stages.main(argv)
     if rc != 0:
         return rc
     history = json.loads((out / "run" / "trainer_state.json").read_text())["log_history"]

@@ -1,7 +1,7 @@
 """Batching: dynamic padding to the longest example of the batch (never to max_seq_length), or packed rows.
 
 Both also return `num_examples` and `num_tokens` (real, non-pad tokens of the examples) for the step statistics;
-chatft.train.ChatTrainer takes them out before the forward, so use them with that Trainer. An empty item (a row
+chatft.training.trainer.ChatTrainer takes them out before the forward, so use them with that Trainer. An empty item (a row
 that completes the last step of an epoch, chatft.packing) becomes one pad token with no label: no example, no
 trained token.
 """

@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 # P-Tuning v2: the whole prefix encoder (embedding, and the MLP with prefix_projection, which peft's own adapter
-# file lacks: it holds the projected prefix), saved by chatft.train with every checkpoint
+# file lacks: it holds the projected prefix), saved by chatft.training.trainer with every checkpoint
 PREFIX_ENCODER_FILE = "prefix_encoder.safetensors"
 
 

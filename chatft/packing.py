@@ -5,7 +5,7 @@
 - Inside a row, position ids restart at 0 for every example, and the first label of every example is -100, so the
   last token of one example is never trained to predict the first token of the next.
 - Isolation (no token attends across an example boundary): the collator passes no attention mask and the forward
-  runs without a cache. For sdpa, chatft.train installs PACKED_SDPA below (one causal sdpa call per example); for
+  runs without a cache. For sdpa, chatft.training installs PACKED_SDPA below (one causal sdpa call per example); for
   eager and flex attention transformers builds a block-diagonal causal mask from where the position ids restart
   (`masking_utils.find_packed_sequence_indices`), and flash attention gets cu_seqlens from the collator.
   tests/test_packing.py proves it through the Trainer.

@@ -16,7 +16,8 @@ from transformers import TrainerCallback
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from the repository
-from chatft import train  # noqa: E402
+from chatft.training import stages  # noqa: E402
+from chatft.training.trainer import ChatTrainer  # noqa: E402
 
 
 def run_killed(step: int, argv: list[str]) -> None:
@@ -48,9 +49,9 @@ def kill_at(trainer_class: type, step: int) -> None:
 
 if __name__ == "__main__":
     step, argv = int(sys.argv[1]), sys.argv[2:]
-    kill_at(train.ChatTrainer, step)
+    kill_at(ChatTrainer, step)
     if "--stage" in argv:  # preference tuning: TRL's trainers, with chatft's PreferenceTrainer mixed in
-        from chatft.preference.train import PreferenceTrainer
+        from chatft.training.preference_trainer import PreferenceTrainer
 
         kill_at(PreferenceTrainer, step)
-    sys.exit(train.main(argv))
+    sys.exit(stages.main(argv))

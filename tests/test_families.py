@@ -21,8 +21,8 @@ from chatft.collator import PackedCollator
 from chatft.data.schema import Conversation, Message
 from chatft.data.templates import IGNORE_INDEX, TemplateError, encode, get_template
 from chatft.inference import cli, generation, loading, merge
-from chatft.train import main as train_main
-from chatft.train import packed_attention
+from chatft.training.stages import main as train_main
+from chatft.training.trainer import packed_attention
 
 # peft 0.21 reads the deprecated `is_gradient_checkpointing` of transformers 5
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")

@@ -1,5 +1,5 @@
 """inference.py (chatft.inference) and scripts/merge_adapter.py on a tiny Llama with the toy tokenizer, trained for a few
-steps by chatft.train.main per method; real_model tests run the real SmolLM2-135M-Instruct on AdvertiseGen."""
+steps by finetune.py's main per method; real_model tests run the real SmolLM2-135M-Instruct on AdvertiseGen."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from chatft.inference import cli, evaluation, generation, loading, merge
 from chatft.inference.cli import make_parser
 from chatft.inference.generation import GenerationOptions, generate, render_prompt
 from chatft.inference.loading import load_session
-from chatft.train import main as train_main
+from chatft.training.stages import main as train_main
 
 # peft 0.21 reads the deprecated `is_gradient_checkpointing` of transformers 5
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")

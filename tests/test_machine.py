@@ -12,7 +12,8 @@ from toy import many_chats, openai_jsonl, save_tiny_model
 
 from chatft import machine
 from chatft.machine import GIB, Shape, choose_precision, plan_step, precision_flags
-from chatft.train import main, parse_args
+from chatft.training.command_line import parse_args
+from chatft.training.stages import main
 
 SMOLLM2 = Shape(hidden=576, intermediate=1536, layers=30, vocab=49152)
 
@@ -127,7 +128,8 @@ def test_a_step_split_into_micro_batches_trains_as_the_whole_step(setup, tmp_pat
 
 def test_checkpointing_left_to_chatft_only_when_unset_and_never_for_ptuning(tmp_path):
     from chatft.args import DataArguments, ModelArguments
-    from chatft.train import TrainArguments, plan_micro_batches
+    from chatft.training.arguments import TrainArguments
+    from chatft.training.step_plan import plan_micro_batches
 
     explicit = TrainArguments(output_dir=str(tmp_path / "o"), activation_checkpointing=False, report_to=[])
     assert not explicit.checkpointing_auto

@@ -25,7 +25,8 @@ from chatft.packing import (
     register_packed_sdpa,
     rows_per_process,
 )
-from chatft.train import ChatTrainer, main
+from chatft.training.stages import main
+from chatft.training.trainer import ChatTrainer
 
 # transformers' sdpa and eager over packed rows (isolation from the position ids alone), and chatft's packed sdpa
 # over a flattened batch (one causal sdpa call per example), which finetune uses for --attn_implementation sdpa
@@ -375,10 +376,10 @@ def test_ptuning_falls_back_to_padding_and_says_so_once(toy_run, tmp_path, capsy
 def test_on_the_cpu_rows_get_one_shape_and_freed_memory_goes_back_after_every_micro_batch(
     toy_run, tmp_path, capsys, monkeypatch
 ):
-    import chatft.train
+    import chatft.training.process
 
     trims = []
-    monkeypatch.setattr(chatft.train, "glibc_malloc_trim", lambda: lambda: trims.append(1))
+    monkeypatch.setattr(chatft.training.process, "glibc_malloc_trim", lambda: lambda: trims.append(1))
     two_rows = ["--micro_batch_size", "1", "--packed_batch_unit", "rows"]
     history = toy_run(tmp_path / "a", "--method", "lora", "--max_steps", "2", *two_rows)
     out = capsys.readouterr().out
@@ -391,7 +392,7 @@ def test_on_the_cpu_rows_get_one_shape_and_freed_memory_goes_back_after_every_mi
 
 
 def test_malloc_threshold_is_left_alone_unless_asked(monkeypatch):
-    from chatft.train import set_malloc_mmap_threshold
+    from chatft.training.process import set_malloc_mmap_threshold
 
     assert not set_malloc_mmap_threshold(0)  # the default: glibc's own behaviour
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
@@ -402,7 +403,7 @@ def test_packed_attention_on_a_gpu_is_flash_varlen_or_masked_sdpa(monkeypatch):
     """No GPU here: the choice alone (CPU: chatft's per-example sdpa, whose host-side boundaries suit the CPU)."""
     import importlib.util
 
-    from chatft.train import packed_attention
+    from chatft.training.trainer import packed_attention
 
     said = []
     model = tiny_model("sdpa")

@@ -16,8 +16,8 @@ from chatft.methods import load_model
 from chatft.preference.encode import prepare_preferences
 from chatft.preference.score import batch_logps
 from chatft.preference.score import main as score_main
-from chatft.preference.train import make_trainer, stage_arguments, training_columns
-from chatft.train import main
+from chatft.training.preference_trainer import make_trainer, stage_arguments, training_columns
+from chatft.training.stages import main
 
 ROOT = Path(__file__).resolve().parents[1]
 # exact comparisons hold in fp32; --precision auto would pick bf16 on a CPU that multiplies it faster

@@ -12,7 +12,9 @@ from safetensors.torch import load_file
 from toy import CHATS, make_tokenizer, many_chats, openai_jsonl, save_tiny_model
 from transformers import AutoModelForCausalLM
 
-from chatft.train import main, parse_args, plan_micro_batches, sync_deepspeed_batch
+from chatft.training.command_line import parse_args
+from chatft.training.stages import main
+from chatft.training.step_plan import plan_micro_batches, sync_deepspeed_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,14 +13,17 @@ from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
+from transformers.integrations import TensorBoardCallback
 
+from chatft.args import DataArguments, ModelArguments
 from chatft.data.formats import load_conversations
 from chatft.data.schema import Conversation, Message
-from chatft.data.templates import Template, TemplateError
+from chatft.data.templates import Template, TemplateError, get_template
 from chatft.inference.common import InferError
-from chatft.inference.evaluation import shorten, split_last_answer
+from chatft.inference.evaluation import generation_scores, shorten, split_last_answer
 from chatft.inference.generation import GenerationOptions, decode, generate, render_prompt
 from chatft.inference.loading import Session, stop_token_ids
+from chatft.loss import zero3_enabled
 
 SAMPLES_FILE = "samples.jsonl"
 
@@ -130,3 +133,44 @@ class SampleAnswers(TrainerCallback):
             {"prompt": p, "answer": decode(session, a), "reference": ref}
             for p, a, (_, ref) in zip(prompts, answers, self.samples, strict=True)
         ]
+
+
+def generation_eval_for(
+    model_args: ModelArguments, data_args: DataArguments, training_args, tokenizer, attention: str
+):
+    """--predict_with_generate with --eval_file: a function scoring greedy answers to the eval records' last
+    assistant turns (every record, whatever the batch size), rendered as in training."""
+    if not (training_args.predict_with_generate and data_args.eval_file):
+        return None
+    records = load_conversations(data_args.eval_file, data_args.train_format, log=lambda _msg: None).records
+    chat = model_args.template is not None or any(not c.raw for _, _, c in records)
+    template = get_template(model_args.template, tokenizer) if chat else None
+    max_new_tokens = training_args.generation_max_length or 128
+
+    def scores(model) -> dict[str, float]:
+        with generating(model, attention):
+            return generation_scores(
+                model, tokenizer, template, records, max_new_tokens, training_args.per_device_eval_batch_size
+            )
+
+    return scores
+
+
+def add_sample_answers(trainer, samples, model_args, training_args, tokenizer, attention: str, log) -> None:
+    """--sample_prompts: the SampleAnswers callback, writing to the Trainer's TensorBoard when it has one."""
+    if zero3_enabled():
+        log("--sample_prompts: skipped under DeepSpeed ZeRO-3 (the weights are split over the processes)")
+        return
+    chat = model_args.template is not None or any(not conv.raw for conv, _ in samples)
+    template = get_template(model_args.template, tokenizer) if chat else None
+    callback = SampleAnswers(
+        samples, tokenizer, template, attention, training_args.sample_max_new_tokens, log
+    )
+
+    def tensorboard():
+        found = [c for c in trainer.callback_handler.callbacks if isinstance(c, TensorBoardCallback)]
+        return getattr(found[0], "tb_writer", None) if found else None
+
+    callback.tensorboard = tensorboard
+    trainer.add_callback(callback)
+    log(f"--sample_prompts: {len(samples)} prompt(s) answered at every evaluation and save and at the end")

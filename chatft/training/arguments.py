@@ -1,0 +1,151 @@
+"""The training arguments: the Trainer's, with chatft's defaults and additions.
+
+Defaults that differ from transformers' TrainingArguments (everything else is the Trainer's own):
+- output_dir "output/finetune", logging_steps 10, save_steps 100, remove_unused_columns False (our datasets
+  hold only what the model takes), report_to none unless asked.
+- prediction_loss_only True: evaluation computes the loss only (no logits gathered over the eval set).
+- Added: malloc_mmap_threshold (off by default; 1048576 trades 26-41% of the CPU speed for 0.4-0.7x the peak RSS),
+  malloc_trim (auto: on for CPU training; the memory freed by a micro-batch goes back to the system).
+- Added: chunked_loss True / loss_chunk_size (chatft.loss: the loss at trained positions only, LM head in
+  chunks), group_by_length True (padded batches only: examples of similar length batched together).
+- Added: precision auto (bf16 autocast where the machine multiplies bf16 faster, chatft.machine), micro_batch_size
+  and max_memory (a step split into micro-batches from the memory they need; chatft.machine.plan_step).
+- activation_checkpointing: unset means "auto": on only where one micro-batch of one row does not fit the memory
+  budget (chatft.machine.plan_step); never for ptuning.
+- --packing (DataArguments): unset means on for full / lora / qlora, off for ptuning (which cannot pack).
+  With packing, per_device_train_batch_size still counts examples (--packed_batch_unit examples): a step's
+  examples are turned into whole packed rows of up to max_seq_length tokens (packed_step); the log shows
+  examples_per_step, tokens_per_step and trained_tokens_per_step so that packed and padded runs compare. On the
+  CPU every row is padded to the longest row's length (one shape for oneDNN; the padding is a segment of its own).
+Why these defaults: bench/RESULTS.md (measured on this project's CPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import HfArgumentParser, Seq2SeqTrainingArguments
+
+from chatft.args import DataArguments, ModelArguments
+from chatft.loss import DEFAULT_CHUNK_SIZE
+from chatft.machine import PRECISIONS
+
+
+@dataclass
+class TrainArguments(Seq2SeqTrainingArguments):
+    output_dir: str = field(
+        default="output/finetune", metadata={"help": "Where checkpoints and the model go."}
+    )
+    logging_steps: float = field(default=10, metadata={"help": "Log the loss every N steps."})
+    save_steps: float = field(default=100, metadata={"help": "Save a checkpoint every N steps."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Kept False: datasets hold model inputs."}
+    )
+    activation_checkpointing: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Activation checkpointing: less memory for 5-36%% more time per step. Unset: on only where a "
+            "step would not fit comfortably in the memory available (never for ptuning).",
+            "nargs": "?",
+            "const": True,
+        },
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "Go on from a checkpoint folder, or auto: the newest checkpoint in output_dir that was written "
+            "whole (same data order, optimizer, scheduler and random state)."
+        },
+    )
+    prediction_loss_only: bool = field(
+        default=True,
+        metadata={"help": "Evaluation computes the loss only (no logits kept over the eval set)."},
+    )
+    chunked_loss: bool = field(
+        default=True,
+        metadata={
+            "help": "Compute the loss only at trained positions, the LM head in chunks (never the full-vocabulary "
+            "logits of the batch); False: the model's own loss."
+        },
+    )
+    loss_chunk_size: int = field(
+        default=DEFAULT_CHUNK_SIZE, metadata={"help": "Trained positions per LM-head chunk (--chunked_loss)."}
+    )
+    malloc_mmap_threshold: int = field(
+        default=0,
+        metadata={
+            "help": "Linux (glibc), to save memory: blocks of at least this many bytes (tensors) get their own "
+            "memory map and go back to the system when freed, e.g. 1048576. glibc's default raises this threshold "
+            "as a run goes, so activations land in a heap that fragments; fixing it at 1 MiB (with checkpointing) "
+            "took the CPU peak RSS to 0.42x (LoRA) / 0.73x (full) at 0.59x / 0.74x the speed: page faults "
+            "(bench/RESULTS.md). 0: glibc's default. Ignored where MALLOC_MMAP_THRESHOLD_ is set."
+        },
+    )
+    malloc_trim: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Linux (glibc): hand the memory freed by each micro-batch back to the system (malloc_trim) "
+            "before the next, so the activations of varying shapes do not pile up in a fragmented heap. Unset "
+            "(auto): on when training on the CPU, where it took the peak RSS of a LoRA epoch to 0.7x for ~1.2x "
+            "the time (bench/RESULTS.md); off on a GPU."
+        },
+    )
+    sample_prompts: str | None = field(
+        default=None,
+        metadata={
+            "help": "A few prompts (a .txt file, one per line, or a data file in any training format: each "
+            "record's conversation up to its last answer) answered greedily at every evaluation and save and at "
+            "the end, printed and written to OUTPUT_DIR/samples.jsonl (and TensorBoard when it is on)."
+        },
+    )
+    sample_max_new_tokens: int = field(
+        default=64, metadata={"help": "--sample_prompts: longest sample answer in tokens."}
+    )
+    precision: str = field(
+        default="auto",
+        metadata={
+            "help": "auto: bf16 autocast (fp32 master weights) where it is faster, on a GPU that supports it or a "
+            "CPU whose probe multiplies bf16 at least 1.2x as fast as fp32, else fp32 (fp16 on a GPU without "
+            "bf16); or fp32, bf16, fp16. --bf16 / --fp16 also decide.",
+            "choices": list(PRECISIONS),
+        },
+    )
+    micro_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Rows (packed) or examples per forward; a step of --per_device_train_batch_size runs as "
+            "several (accumulated: the same training). Unset: on a GPU the largest that fits --max_memory or 90%% "
+            "of its memory; on the CPU the fewest holding 512 tokens (more buy no speed there, only memory)."
+        },
+    )
+    max_memory: float | None = field(
+        default=None,
+        metadata={
+            "help": "GiB a training process may use; sizes the micro-batches (and checkpointing) to it."
+        },
+    )
+    group_by_length: bool = field(
+        default=True,
+        metadata={
+            "help": "Padded batches (no packing): batch examples of similar length together (the Trainer's "
+            "train_sampling_strategy group_by_length), unless another train_sampling_strategy is given."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        # unset (None) activation checkpointing means "auto" (chatft.machine.plan_step); the Trainer turns None
+        # into False
+        self.checkpointing_auto = (
+            self.activation_checkpointing is None and self.gradient_checkpointing is None
+        )
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ValueError(f"--micro_batch_size must be at least 1, not {self.micro_batch_size}")
+        if self.max_memory is not None and self.max_memory <= 0:
+            raise ValueError(f"--max_memory must be a positive number of GiB, not {self.max_memory}")
+        if self.precision == "fp32" and (self.bf16 or self.fp16):
+            raise ValueError("--precision fp32 contradicts --bf16 / --fp16")
+        super().__post_init__()
+
+
+def make_parser() -> HfArgumentParser:
+    return HfArgumentParser((ModelArguments, DataArguments, TrainArguments))

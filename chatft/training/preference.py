@@ -1,0 +1,215 @@
+"""The preference stage (finetune.py --stage dpo|orpo|simpo|kto): pairs (or KTO's labelled replies) in, a tuned
+model or adapter out, through TRL's trainers (chatft.training.preference_trainer says what chatft changes in them).
+
+| stage | TRL trainer            | loss                                      | reference model                       |
+| dpo   | DPOTrainer             | DPO (--loss_type sigmoid; TRL's others)   | yes                                   |
+| kto   | KTOTrainer             | KTO on labelled replies                   | yes                                   |
+| orpo  | experimental ORPOTrainer | NLL of chosen + odds-ratio term (--beta = λ) | none                               |
+| simpo | experimental CPOTrainer, loss_type simpo, cpo_alpha 0 | SimPO (--beta, --simpo_gamma) | none  |
+
+The reference (dpo, kto): for a new LoRA/QLoRA adapter, the model itself with the adapter disabled (no second
+copy in memory); when --adapter goes on training an SFT adapter, that adapter as loaded, kept by TRL as a frozen
+copy named "ref" beside the trained one (adapter-sized; saved in the output's ref/ folder); for full training,
+a second copy of --model_name_or_path, or with --precompute_ref_log_probs the model's own log-probabilities
+computed once before training, and no copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from transformers import set_seed
+
+from chatft.args import RUN_ARGS_FILE, ModelArguments, PreferenceArguments
+from chatft.data.check import position_warning
+from chatft.data.formats import DataFileError
+from chatft.data.templates import TemplateError
+from chatft.demo_model import DEFAULT_MODEL_DIR
+from chatft.methods import load_model, load_tokenizer
+from chatft.preference.encode import (
+    PreparedPreferences,
+    check_target_length,
+    prepare_preferences,
+    report_lines,
+)
+from chatft.training.checkpoints import SaveRunArgs, resolve_resume, save_run
+from chatft.training.command_line import parse_args, requested_stage
+from chatft.training.data import data_refused
+from chatft.training.preference_trainer import (
+    PREFERENCE_HELP,
+    REFERENCE_FREE,
+    make_parser,
+    make_trainer,
+    training_columns,
+)
+from chatft.training.process import start_process
+from chatft.training.samples import base_model
+from chatft.training.step_plan import plan_micro_batches, schedule_evaluation
+
+
+def parse_preference_args(argv: list[str], stage: str):
+    parser = make_parser(stage)
+    names = {a.dest for a in parser._actions}
+    help_groups = {f"preference tuning (--stage {stage})": [n for n in PREFERENCE_HELP if n in names]}
+    model_args, data_args, pref_args, training_args = parse_args(argv, parser, help_groups)
+    if model_args.method == "ptuning":
+        raise ValueError(
+            f"--stage {stage} trains full, lora or qlora; a P-Tuning v2 prefix is not offered for preference tuning"
+        )
+    check_target_length(data_args.max_target_length)
+    if data_args.packing:
+        print("packing: off. Preference batches are padded (a pair's two sequences side by side).")
+    training_args.max_length = data_args.max_seq_length  # already enforced by chatft's truncation
+    return model_args, data_args, pref_args, training_args
+
+
+def start_from(model_args: ModelArguments, pref_args: PreferenceArguments, log) -> None:
+    """With --adapter: the base its adapter_config.json names (unless --model_name_or_path is given) and the
+    tokenizer saved beside it; the chat template the start folder (adapter or model) was trained with, unless
+    --template is given."""
+    folder = pref_args.adapter
+    if folder:
+        config_file = Path(folder) / "adapter_config.json"
+        if not config_file.is_file():
+            raise ValueError(f"--adapter {folder}: not a peft adapter folder (no adapter_config.json)")
+        base = json.loads(config_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        if model_args.model_name_or_path == str(DEFAULT_MODEL_DIR) and base and Path(base).is_dir():
+            model_args.model_name_or_path = base
+            log(f"base model: {base} (from {config_file})")
+        if model_args.tokenizer_name_or_path is None and (Path(folder) / "tokenizer_config.json").is_file():
+            model_args.tokenizer_name_or_path = folder
+    run_args = Path(folder or model_args.model_name_or_path) / RUN_ARGS_FILE
+    if model_args.template is None and run_args.is_file():
+        trained = (json.loads(run_args.read_text(encoding="utf-8")).get("model") or {}).get("template")
+        if trained:
+            model_args.template = trained
+            log(f"chat template: {trained} (as {run_args.parent} was trained)")
+
+
+def load_split(name, files, stage, data_args, model_args, tokenizer, log) -> PreparedPreferences:
+    log(f"--- {name} data ({'labelled replies' if stage == 'kto' else 'preference pairs'}) ---")
+    prepared = prepare_preferences(
+        files,
+        data_args.train_format,
+        tokenizer,
+        model_args.template,
+        data_args.max_seq_length,
+        data_args.max_source_length,
+        unpaired=stage == "kto",
+        log=log,
+    )
+    for line in report_lines(prepared, tokenizer):
+        log(line)
+    return prepared
+
+
+def plan_pairs(stage: str, model_args, data_args, training_args, log) -> None:
+    """SFT's micro-batch planning (chatft.machine.plan_step) with a pair as one row of both its sequences; any
+    split of a step trains the same (PreferenceTrainer.compute_loss). Not for KTO, whose KL term is estimated
+    from the other replies of the same batch."""
+    if stage == "kto":
+        log("micro-batches: none (KTO estimates its KL term from the other replies of each batch)")
+        return
+    log(
+        "micro-batches: a pair counts as one row of 2 x --max_seq_length tokens (its chosen and rejected replies)"
+    )
+    pairs = dataclasses.replace(data_args, max_seq_length=2 * data_args.max_seq_length)
+    plan_micro_batches(model_args, pairs, training_args, log)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    stage = requested_stage(argv)
+    # peft and TRL read is_gradient_checkpointing, deprecated in transformers 5 (-> is_activation_checkpointing)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    try:
+        model_args, data_args, pref_args, training_args = parse_preference_args(argv, stage)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    log = start_process(training_args)
+    try:
+        start_from(model_args, pref_args, log)
+        tokenizer = load_tokenizer(model_args)
+        with training_args.main_process_first(desc="preprocessing"):
+            train = load_split("train", data_args.train_file, stage, data_args, model_args, tokenizer, log)
+            evaluation = None
+            if data_args.eval_file:
+                evaluation = load_split(
+                    "eval", data_args.eval_file, stage, data_args, model_args, tokenizer, log
+                )
+    except (DataFileError, TemplateError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    refusal = data_refused(data_args, train, evaluation)
+    if refusal:
+        print(f"error: {refusal}", file=sys.stderr)
+        return 1
+    if stage == "kto":
+        training_args.train_sampling_strategy = (
+            "sequential"  # TRL's KTO pairs each reply with its neighbour's
+        )
+    elif training_args.group_by_length and training_args.train_sampling_strategy == "random":
+        training_args.train_sampling_strategy = "group_by_length"
+    log(f"precision: {training_args.precision} ({training_args.precision_why})")
+    plan_pairs(stage, model_args, data_args, training_args, log)
+    schedule_evaluation(evaluation is not None, training_args, log)
+
+    set_seed(training_args.seed)  # before the model is built: LoRA weights are random
+    try:
+        resume = resolve_resume(training_args)
+        model = load_model(model_args, training_args, adapter=pref_args.adapter)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    warning = position_warning(base_model(model).config, data_args.max_seq_length, train.stats.lengths)
+    if warning:
+        log(warning)
+    log(describe_reference(stage, model_args, pref_args, training_args))
+    run_args = {
+        "model": dataclasses.asdict(model_args),
+        "preference": dataclasses.asdict(pref_args),
+        # formats: as SFT's run_args; train_format: what inference renders (input-output data: raw prompts)
+        "data": dataclasses.asdict(data_args)
+        | {"formats": train.formats, "closing_tokens": train.stats.closing_tokens}
+        | raw_format(train),
+        "training": training_args.to_dict(),
+    }
+    pairs = zip(train.stats.lengths[::2], train.stats.lengths[1::2], strict=True) if stage != "kto" else []
+    lengths = [max(a, b) for a, b in pairs]  # what a pair puts into a padded batch
+    trainer = make_trainer(
+        stage,
+        model=model,
+        args=training_args,
+        train_dataset=training_columns(train, stage),
+        eval_dataset=training_columns(evaluation, stage) if evaluation else None,
+        processing_class=tokenizer,
+        callbacks=[SaveRunArgs(run_args)],
+        continuing=bool(pref_args.adapter),
+        lengths=None if stage == "kto" else lengths,
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    model.config.use_cache = True
+    save_run(trainer, training_args, run_args, log)
+    return 0
+
+
+def raw_format(prepared: PreparedPreferences) -> dict:
+    formats = set(prepared.formats.values())
+    return {"train_format": "input-output"} if formats == {"input-output"} else {}
+
+
+def describe_reference(stage: str, model_args: ModelArguments, pref_args, training_args) -> str:
+    if stage in REFERENCE_FREE:
+        return f"reference model: none ({stage} is reference-free)"
+    if training_args.precompute_ref_log_probs:
+        return "reference model: the starting model's log-probabilities, computed once before training"
+    if pref_args.adapter:
+        return f"reference model: the adapter {pref_args.adapter} as loaded (a frozen copy named ref)"
+    if model_args.method in ("lora", "qlora"):
+        return "reference model: the model with the adapter disabled (no second copy)"
+    return f"reference model: a second copy of {model_args.model_name_or_path}"

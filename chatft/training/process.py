@@ -1,0 +1,72 @@
+"""What every training process sets up: glibc's memory behaviour (the mmap threshold; freed memory handed back
+after every micro-batch), no pinned memory on the CPU, and the log (the main process prints, the others not)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+from transformers import Trainer, TrainerCallback
+
+
+def set_malloc_mmap_threshold(threshold: int) -> bool:
+    """glibc mallopt(M_MMAP_THRESHOLD): a fixed threshold (which also turns off glibc's dynamic raising of it).
+    True when set; False elsewhere (not glibc, 0, or the environment already chose)."""
+    if threshold <= 0 or "MALLOC_MMAP_THRESHOLD_" in os.environ or not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_mmap_threshold = -3
+        return bool(libc.mallopt(m_mmap_threshold, int(threshold)))
+    except (OSError, AttributeError):
+        return False
+
+
+def start_process(training_args) -> Callable[[str], None]:
+    """What every stage sets up per process: glibc's mmap threshold, no pinned memory on the CPU (nothing to pin
+    for; torch would warn at every epoch). Returns the log function: the main process prints, the others not."""
+    set_malloc_mmap_threshold(training_args.malloc_mmap_threshold)
+    if training_args.device.type == "cpu":
+        training_args.dataloader_pin_memory = False
+    return print if training_args.process_index == 0 else (lambda _msg: None)
+
+
+def glibc_malloc_trim() -> Callable[[], object] | None:
+    """glibc's malloc_trim(0) (every arena's free pages back to the system), or None where there is no glibc."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    return lambda: trim(0)
+
+
+class ReleaseFreedMemory(TrainerCallback):
+    """--malloc_trim: after every micro-batch (and optimizer step), the freed memory goes back to the system."""
+
+    def __init__(self, trim: Callable[[], object]) -> None:
+        self.trim = trim
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        self.trim()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trim()
+
+
+def release_memory(trainer: Trainer, training_args, log: Callable[[str], None]) -> None:
+    """--malloc_trim: on (auto: on the CPU), the ReleaseFreedMemory callback where glibc is there."""
+    wanted = training_args.malloc_trim
+    if wanted is None:
+        wanted = training_args.device.type == "cpu"
+    trim = glibc_malloc_trim() if wanted else None
+    if trim is not None:
+        trainer.add_callback(ReleaseFreedMemory(trim))
+        log("memory: freed memory goes back to the system after every micro-batch (--malloc_trim)")

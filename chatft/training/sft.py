@@ -1,0 +1,115 @@
+"""The SFT stage (finetune.py, --stage sft): conversations in, a trained model (or adapter) out. It composes the
+rooms of chatft.training in the order a run takes: arguments, process, data, step plan, model, Trainer, save."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+import torch
+from transformers import set_seed
+
+from chatft.collator import PackedCollator, PadCollator
+from chatft.data.check import position_warning
+from chatft.data.formats import DataFileError
+from chatft.data.templates import TemplateError
+from chatft.methods import load_model, load_tokenizer
+from chatft.packing import PackedDataset, PackingError
+from chatft.training.checkpoints import SaveRunArgs, resolve_resume, save_run
+from chatft.training.command_line import parse_args
+from chatft.training.data import data_refused, load_split, training_datasets
+from chatft.training.process import release_memory, start_process
+from chatft.training.samples import add_sample_answers, base_model, generation_eval_for, read_sample_prompts
+from chatft.training.step_plan import packed_step, plan_micro_batches, resolve_packing, schedule_evaluation
+from chatft.training.trainer import ChatTrainer, packed_attention
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        model_args, data_args, training_args = parse_args(argv)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    log = start_process(training_args)
+    try:
+        tokenizer = load_tokenizer(model_args)
+        samples = read_sample_prompts(training_args.sample_prompts) if training_args.sample_prompts else None
+        with training_args.main_process_first(desc="preprocessing"):
+            train = load_split("train", data_args.train_file, data_args, model_args, tokenizer, log)
+            evaluation = (
+                load_split("eval", data_args.eval_file, data_args, model_args, tokenizer, log)
+                if data_args.eval_file
+                else None
+            )
+    except (DataFileError, TemplateError, ValueError) as e:  # InferError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    refusal = data_refused(data_args, train, evaluation)
+    if refusal:
+        print(f"error: {refusal}", file=sys.stderr)
+        return 1
+    packing = resolve_packing(model_args, data_args, log)
+    packed_train = (
+        PackedDataset(train.dataset, data_args.max_seq_length, train.stats.lengths) if packing else None
+    )
+    if packed_train is not None:
+        packed_step(packed_train, data_args, training_args, log)
+    log(f"precision: {training_args.precision} ({training_args.precision_why})")
+    plan_micro_batches(model_args, data_args, training_args, log)
+    schedule_evaluation(evaluation is not None, training_args, log)
+
+    set_seed(training_args.seed)  # before the model is built: LoRA and prefix weights are random
+    try:
+        resume = resolve_resume(training_args)
+        model = load_model(model_args, training_args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    warning = position_warning(base_model(model).config, data_args.max_seq_length, train.stats.lengths)
+    if warning:
+        log(warning)
+    run_args = {
+        "model": dataclasses.asdict(model_args),
+        # closing_tokens: the ends of turn the data trained, where inference stops too
+        "data": dataclasses.asdict(data_args)
+        | {"formats": train.formats, "closing_tokens": train.stats.closing_tokens},
+        "training": training_args.to_dict(),
+    }
+    train_set, eval_set = training_datasets(train, evaluation, packed_train, data_args, training_args, log)
+    own = attn = base_model(model).config._attn_implementation  # as loaded: the model's choice or the user's
+    if packing:
+        attn = packed_attention(model, own, log, torch.cuda.is_available() and not training_args.use_cpu)
+        collator = PackedCollator.for_backend(tokenizer.pad_token_id, attn)
+        if training_args.device.type == "cpu":
+            collator.pad_to_multiple_of = train_set.longest_row
+            log(
+                f"packing: rows padded to {train_set.longest_row} tokens (the longest row) on the CPU: one shape "
+                "for every forward, where each new shape costs oneDNN kernels and memory of its own"
+            )
+    else:
+        collator = PadCollator(tokenizer.pad_token_id)
+    trainer = ChatTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=[SaveRunArgs(run_args)],
+        chunked_loss=training_args.chunked_loss,
+        loss_chunk_size=training_args.loss_chunk_size,
+        generation_eval=generation_eval_for(model_args, data_args, training_args, tokenizer, own),
+    )
+    release_memory(trainer, training_args, log)
+    if samples:
+        add_sample_answers(trainer, samples, model_args, training_args, tokenizer, own, log)
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    except PackingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    model.config.use_cache = True  # off for training only; the saved model generates with its cache
+    if attn != own:  # packing's own sdpa; config.json never records the attention
+        base_model(model).set_attn_implementation(own)
+    save_run(trainer, training_args, run_args, log)
+    return 0

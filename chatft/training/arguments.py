@@ -124,6 +124,14 @@ class TrainArguments(Seq2SeqTrainingArguments):
             "help": "GiB a training process may use; sizes the micro-batches (and checkpointing) to it."
         },
     )
+    threads: int | None = field(
+        default=None,
+        metadata={
+            "help": "CPU threads torch uses. Unset: the cores this process may use (affinity, CPU quota, shared by "
+            "the processes of a torchrun), fewer while other work keeps cores busy, more again when it leaves "
+            "(each change logged)."
+        },
+    )
     group_by_length: bool = field(
         default=True,
         metadata={
@@ -140,6 +148,8 @@ class TrainArguments(Seq2SeqTrainingArguments):
         )
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise ValueError(f"--micro_batch_size must be at least 1, not {self.micro_batch_size}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads must be at least 1, not {self.threads}")
         if self.max_memory is not None and self.max_memory <= 0:
             raise ValueError(f"--max_memory must be a positive number of GiB, not {self.max_memory}")
         if self.precision == "fp32" and (self.bf16 or self.fp16):

@@ -46,7 +46,7 @@ from chatft.training.preference_trainer import (
     make_trainer,
     training_columns,
 )
-from chatft.training.process import start_process
+from chatft.training.process import add_process_callbacks, start_process
 from chatft.training.samples import base_model
 from chatft.training.step_plan import plan_micro_batches, schedule_evaluation
 
@@ -192,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         continuing=bool(pref_args.adapter),
         lengths=None if stage == "kto" else lengths,
     )
+    add_process_callbacks(trainer, training_args, log)
     trainer.train(resume_from_checkpoint=resume)
     model.config.use_cache = True
     save_run(trainer, training_args, run_args, log)

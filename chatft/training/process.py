@@ -1,5 +1,6 @@
 """What every training process sets up: glibc's memory behaviour (the mmap threshold; freed memory handed back
-after every micro-batch), no pinned memory on the CPU, and the log (the main process prints, the others not)."""
+after every micro-batch), torch's threads fitted to the machine's load (chatft.threads), no pinned memory on the
+CPU, and the log (the main process prints, the others not)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import sys
 from collections.abc import Callable
 
 from transformers import Trainer, TrainerCallback
+
+from chatft.threads import ThreadGovernor, this_process_budget
 
 
 def set_malloc_mmap_threshold(threshold: int) -> bool:
@@ -70,3 +73,36 @@ def release_memory(trainer: Trainer, training_args, log: Callable[[str], None]) 
     if trim is not None:
         trainer.add_callback(ReleaseFreedMemory(trim))
         log("memory: freed memory goes back to the system after every micro-batch (--malloc_trim)")
+
+
+class FollowMachineLoad(TrainerCallback):
+    """torch's thread count set at the start of training and looked at again after every micro-batch
+    (chatft.threads: fewer threads while other work keeps cores busy)."""
+
+    def __init__(self, governor: ThreadGovernor) -> None:
+        self.governor = governor
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.governor.start()
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        self.governor.tick()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.governor.tick()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.governor.stop()
+
+
+def follow_machine_load(trainer: Trainer, training_args, log: Callable[[str], None]) -> None:
+    """On the CPU, the thread count chatft.threads chooses (--threads fixes it)."""
+    if training_args.device.type == "cpu":
+        governor = ThreadGovernor(this_process_budget(training_args.threads), log)
+        trainer.add_callback(FollowMachineLoad(governor))
+
+
+def add_process_callbacks(trainer: Trainer, training_args, log: Callable[[str], None]) -> None:
+    """What runs between micro-batches for the machine's sake: memory handed back, threads fitted to the load."""
+    release_memory(trainer, training_args, log)
+    follow_machine_load(trainer, training_args, log)

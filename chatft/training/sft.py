@@ -18,7 +18,7 @@ from chatft.packing import PackedDataset, PackingError
 from chatft.training.checkpoints import SaveRunArgs, resolve_resume, save_run
 from chatft.training.command_line import parse_args
 from chatft.training.data import data_refused, load_split, training_datasets
-from chatft.training.process import release_memory, start_process
+from chatft.training.process import add_process_callbacks, start_process
 from chatft.training.samples import add_sample_answers, base_model, generation_eval_for, read_sample_prompts
 from chatft.training.step_plan import packed_step, plan_micro_batches, resolve_packing, schedule_evaluation
 from chatft.training.trainer import ChatTrainer, packed_attention
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         loss_chunk_size=training_args.loss_chunk_size,
         generation_eval=generation_eval_for(model_args, data_args, training_args, tokenizer, own),
     )
-    release_memory(trainer, training_args, log)
+    add_process_callbacks(trainer, training_args, log)
     if samples:
         add_sample_answers(trainer, samples, model_args, training_args, tokenizer, own, log)
     try:

@@ -4,11 +4,13 @@ transformers, read with the gguf package, its Modelfile template rendered), not 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +20,11 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from chatft.demo_model import SMOLLM2_CHAT_TEMPLATE
+from chatft.export import command
 from chatft.export import gguf as gguf_glue
+from chatft.export import verify as verification
 from chatft.export.command import main
-from chatft.export.gguf import LLAMA3_SPLIT, QWEN2_SPLIT, read_metadata
+from chatft.export.gguf import LLAMA3_SPLIT, QWEN2_SPLIT, Tokens, read_metadata
 from chatft.export.gotemplate import render
 from chatft.export.verify import PLAIN_TEXTS, SAMPLE_CHATS
 
@@ -99,6 +103,26 @@ def save_model(folder: Path, kind: str, chat_template: str | None = SMOLLM2_CHAT
     tiny_model(kind, len(tokenizer)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def save_glm(folder: Path, **model_args) -> Path:
+    """The tiny Llama with no chat template of its own, trained (says its run_args.json) with chatglm3's: three
+    stop tokens, <|im_end|> (its EOS), <|user|> and <|observation|>."""
+    save_model(folder, "llama", chat_template=None)
+    (folder / "run_args.json").write_text(json.dumps({"model": {"template": "chatglm3", **model_args}}))
+    return folder
+
+
+def assert_carries_stops(out: Path, tokenizer, tokens: tuple[str, ...]) -> None:
+    """The file lists every stop token (chatft.stop_token_ids; EOS as its eos, the others as eot and eom) and its
+    Modelfile stops at each."""
+    metadata = read_metadata(out)
+    stops = tokenizer.convert_tokens_to_ids(list(tokens))
+    assert sorted(metadata["chatft.stop_token_ids"]) == sorted(stops)
+    written = [metadata.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")][: len(stops)]
+    assert sorted(written) == sorted(stops) and written[0] == tokenizer.eos_token_id
+    text = out.with_suffix(".Modelfile").read_text()
+    assert all(f'PARAMETER stop "{t}"' in text for t in tokens)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -226,20 +250,16 @@ def test_modelfile_template_renders_the_chat_template_of_a_multi_turn_conversati
 
 
 def test_a_native_chatglm3_template_travels_with_every_end_of_turn_token(tmp_path):
-    folder = save_model(tmp_path / "glm", "llama", chat_template=None)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    (folder / "run_args.json").write_text(json.dumps({"model": {"template": "chatglm3", "method": "full"}}))
+    folder = save_glm(tmp_path / "glm", method="full")
     out = tmp_path / "glm.gguf"
     assert export(folder, out) == 0
+    assert_carries_stops(
+        out, AutoTokenizer.from_pretrained(folder), ("<|im_end|>", "<|user|>", "<|observation|>")
+    )
     metadata = read_metadata(out)
-    stops = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|user|>", "<|observation|>")]
-    assert sorted(metadata["chatft.stop_token_ids"]) == sorted(stops)
-    written = [metadata[f"tokenizer.ggml.{k}_token_id"] for k in ("eos", "eot", "eom")]
-    assert sorted(written) == sorted(stops) and written[0] == tokenizer.eos_token_id
     assert metadata["tokenizer.chat_template"].startswith("[gMASK]sop")
     assert metadata["chatft.method"] == "full" and metadata["general.name"] == "glm"
     text = (tmp_path / "glm.Modelfile").read_text()
-    assert all(f'PARAMETER stop "{t}"' in text for t in ("<|im_end|>", "<|user|>", "<|observation|>"))
     template = re.search(r'TEMPLATE """(.*?)"""', text, re.S).group(1)
     messages = [{"Role": m["role"], "Content": m["content"]} for m in CONVERSATION] + [
         {"Role": "assistant", "Content": "ok"}, {"Role": "tool", "Content": '{"t": 1}'}, {"Role": "user", "Content": "so?"}
@@ -319,6 +339,75 @@ def test_a_file_that_reads_back_wrong_fails_and_is_not_left_looking_finished(
     assert not (tmp_path / "broken.Modelfile").exists()
 
 
+def returning(module, name: str, value) -> Callable:
+    """A fault: module.name returns value."""
+    return lambda monkeypatch: monkeypatch.setattr(module, name, lambda *_args: value)
+
+
+def shorter_context(monkeypatch) -> None:
+    add = gguf_glue.add_architecture
+
+    def add_shorter(writer, config, arch):
+        config = copy.deepcopy(config)
+        config.max_position_embeddings //= 2
+        add(writer, config, arch)
+
+    monkeypatch.setattr(gguf_glue, "add_architecture", add_shorter)
+
+
+def changed_tokens(change: Callable[[Tokens], Tokens]) -> Callable:
+    """A fault: the export writes change(its Tokens) (stop tokens, chat template) into the file."""
+    return lambda monkeypatch: monkeypatch.setattr(command, "Tokens", lambda *args: change(Tokens(*args)))
+
+
+def swapped_a_and_b(monkeypatch) -> None:
+    listed = gguf_glue.token_list
+
+    def token_list(tokenizer, vocab_size):
+        tokens, types = listed(tokenizer, vocab_size)
+        a, b = tokens.index("a"), tokens.index("b")
+        tokens[a], tokens[b] = tokens[b], tokens[a]
+        return tokens, types
+
+    monkeypatch.setattr(gguf_glue, "token_list", token_list)
+
+
+OTHER_SYSTEM = changed_tokens(
+    lambda t: Tokens(t.chat_template.replace("named SmolLM", "named Smol"), t.stop_ids, t.add_bos)
+)
+
+
+@pytest.mark.parametrize(
+    ("source", "fault", "skipped", "failure"),
+    [
+        ("llama", shorter_context, None, "the model read back has max_position_embeddings 256, the source 512"),
+        ("llama", returning(gguf_glue, "_rope_theta", 100.0), None, "the model read back has rope_theta 100"),
+        ("glm", changed_tokens(lambda t: Tokens(t.chat_template, t.stop_ids[:-1], t.add_bos)), None,
+         "the file's stop tokens are"),
+        ("llama", swapped_a_and_b, None, "the tokenizer read back encodes 'a' as"),
+        ("llama", OTHER_SYSTEM, None, "the chat template read back renders"),
+        ("llama", OTHER_SYSTEM, "check_tokenizer",
+         "the file's tokenizer and chat template encode the greedy prompts differently"),
+        ("llama", returning(gguf_glue, "_rope_theta", 100.0), "check_config",
+         "greedy answers differ from the source's"),
+    ],
+    ids=["config", "rope_theta", "stop-tokens", "tokenizer", "template", "prompt-ids", "greedy-answers"],
+)  # fmt: skip
+def test_a_file_wrong_in_one_way_fails_the_check_for_it(
+    folders, tmp_path, monkeypatch, capsys, source, fault, skipped, failure
+):
+    """Each check of chatft.export.verify on a file wrong in just the way it checks for; the later checks with the
+    earlier one that would catch the file first skipped (the last line of defence where that one has a gap)."""
+    folder = save_glm(tmp_path / "glm") if source == "glm" else folders[source]
+    fault(monkeypatch)
+    if skipped:
+        monkeypatch.setattr(verification, skipped, lambda *_args: (0, 0))
+    out = tmp_path / "wrong.gguf"
+    assert export(folder, out, "--type", "f32") == 1
+    assert f"error: verification failed: {failure}" in capsys.readouterr().err
+    assert not out.exists() and (tmp_path / "wrong.gguf.unverified").is_file()
+
+
 def test_go_template_renderer_follows_go_semantics():
     data = {"Messages": [{"Role": "user", "Content": "a"}, {"Role": "assistant", "Content": "b"}], "X": ""}
     assert render("x  {{- .X -}}  \n y", data) == "xy"  # trim markers eat the white space beside them
@@ -390,8 +479,7 @@ def test_modelfile_templates_render_the_same_with_go_text_template(folders, tmp_
     (tmp_path / "main.go").write_text(GO_RENDER)
     env = {**os.environ, "GO111MODULE": "off", "GOCACHE": str(tmp_path / "cache"), "HOME": str(tmp_path)}
     subprocess.run(["go", "build", "-o", "render", "main.go"], cwd=tmp_path, check=True, env=env)
-    glm = save_model(tmp_path / "glm", "llama", chat_template=None)
-    (glm / "run_args.json").write_text(json.dumps({"model": {"template": "chatglm3"}}))
+    glm = save_glm(tmp_path / "glm")
     tokenizer = AutoTokenizer.from_pretrained(folders["llama"])
     conversations = [CONVERSATION, CONVERSATION[1:], [*CONVERSATION, {"role": "assistant", "content": "ok"}]]
     for source in (folders["llama"], glm):
@@ -460,8 +548,8 @@ def test_the_qwen25_family_fixture_exports_end_to_end(tmp_path):
     assert export(folder, out) == 0
     metadata = read_metadata(out)
     assert metadata["tokenizer.ggml.pre"] == "qwen2" and metadata["general.architecture"] == "qwen2"
-    text = (tmp_path / "q.Modelfile").read_text()
-    assert 'PARAMETER stop "<|im_end|>"' in text and "You are Qwen, created by Alibaba Cloud." in text
+    assert_carries_stops(out, AutoTokenizer.from_pretrained(folder), ("<|im_end|>", "<|endoftext|>"))
+    assert "You are Qwen, created by Alibaba Cloud." in (tmp_path / "q.Modelfile").read_text()
 
 
 @pytest.mark.parametrize("name", ["chatml", "chatglm3"])

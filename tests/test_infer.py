@@ -207,6 +207,21 @@ def test_stop_tokens_are_the_models_own_the_tokenizers_and_the_templates_ends_of
     assert loading.stop_token_ids(glm, None, None, trained) == [2, 9]
 
 
+def test_an_end_of_turn_token_of_the_models_generation_config_stops_its_answers(tmp_path):
+    """load_session stops where the model's generation_config.json says too (Llama-3 lists several ends of turn),
+    not only at the tokenizer's EOS and the template's ends of turn: the token the untrained model says first,
+    listed there, cuts every answer before it."""
+    model = tiny_model(tmp_path / "tiny")
+    before = greedy_ids("--model", str(model))
+    stop = before[0][0]
+    config = json.loads((model / "generation_config.json").read_text())
+    assert config["eos_token_id"] == 4 and stop != 4  # <|im_end|>, ChatML's end of turn and the toy EOS
+    (model / "generation_config.json").write_text(json.dumps(config | {"eos_token_id": [4, stop]}))
+    assert load_session(make_parser().parse_args(["--model", str(model)]), say=quiet).stop_ids == [4, stop]
+    after = greedy_ids("--model", str(model))
+    assert after[0] == [] and after == [a[: a.index(stop)] if stop in a else a for a in before]
+
+
 def test_merge_of_a_ptuning_checkpoint_is_refused(runs, tmp_path, capsys):
     assert merge.merge_main([str(runs["base"]), str(runs["ptuning"]), str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err.strip()

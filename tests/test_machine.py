@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.overrides import TorchFunctionMode
 from toy import many_chats, openai_jsonl, save_tiny_model
 
 from chatft import machine
@@ -40,6 +42,38 @@ def test_precision_auto_follows_the_probe_on_the_cpu():
 def test_the_probe_measures_this_machine():
     speedup = machine.probe_bf16_speedup(Shape(64, 128, 2, 100), reps=2)
     assert 0 < speedup < 100
+
+
+class TimedProducts(TorchFunctionMode):
+    """Records the dtypes of every matrix product and moves a fake clock on by a product's cost: 2 in fp32, 1 in
+    bf16 (a CPU with bf16 instructions)."""
+
+    COST = {torch.float32: 2.0, torch.bfloat16: 1.0}
+
+    def __init__(self):
+        super().__init__()
+        self.now, self.products = 0.0, []
+
+    def clock(self) -> float:
+        return self.now
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in ("matmul", "mm"):
+            dtypes = tuple(a.dtype for a in args)
+            self.products.append(dtypes)
+            self.now += self.COST[dtypes[0]]
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_probe_times_a_bf16_product_against_an_fp32_one(monkeypatch):
+    timed = TimedProducts()
+    monkeypatch.setattr(machine, "time", SimpleNamespace(perf_counter=timed.clock))
+    with timed:
+        speedup = machine.probe_bf16_speedup(Shape(64, 128, 2, 100), reps=3)
+    fp32, bf16 = (torch.float32,) * 2, (torch.bfloat16,) * 2
+    assert set(timed.products) == {fp32, bf16}
+    assert timed.products.count(fp32) == timed.products.count(bf16) >= 3  # reps of each, timed alike
+    assert speedup == 2.0  # fp32's time over bf16's
 
 
 def test_parse_args_sets_the_trainers_precision(monkeypatch, tmp_path):

@@ -136,14 +136,22 @@ def eleven_pairs(tmp_path_factory) -> str:
 
 
 def test_any_split_of_a_step_logs_the_same_losses_and_trains_the_same_weights(
-    tiny_model, eleven_pairs, tmp_path
+    tiny_model, eleven_pairs, tmp_path, capsys
 ):
+    """A step of 4 pairs as 4 x 1 and 2 x 2 (--gradient_accumulation_steps) and 1 x 4 (chatft's --micro_batch_size
+    split). Pinned by --micro_batch_size: left to it, the CPU planner would run every one of them as 1 x 4."""
+    splits = [("4", "1", "4", "none, a step's 4 rows in one forward pass"),
+              ("2", "2", "2", "none, a step's 2 rows in one forward pass"),
+              ("4", "1", "1", "a step's 4 rows per process run as 4 forward passes of 1")]  # fmt: skip
     results = []
-    for batch, accumulation in (("4", "1"), ("2", "2"), ("1", "4")):
-        out = tmp_path / f"b{batch}x{accumulation}"
+    for batch, accumulation, micro, planned in splits:
+        out = tmp_path / f"b{batch}x{accumulation}m{micro}"
         argv = ["--max_steps", "5", "--save_strategy", "no", "--per_device_train_batch_size", batch,
-                "--gradient_accumulation_steps", accumulation]  # fmt: skip
+                "--gradient_accumulation_steps", accumulation, "--micro_batch_size", micro]  # fmt: skip
         assert run(tiny_model, eleven_pairs, out, *argv) == 0
+        assert f"micro-batches: {planned}" in capsys.readouterr().out
+        state = json.loads((out / "trainer_state.json").read_text())
+        assert state["train_batch_size"] == int(micro)  # the pairs of one forward pass, as it ran
         results.append((logged(out), load_file(str(out / "adapter_model.safetensors"))))
     (losses, weights), others = results[0], results[1:]
     assert sorted(losses) == [1, 2, 3, 4, 5] and len(set(losses.values())) == 5

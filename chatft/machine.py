@@ -1,11 +1,14 @@
-"""What the machine decides: the training precision (from a short probe of its matrix multiplication) and how a
+"""What the machine decides: the training precision (from the CPU's instructions, or the GPU) and how a
 step is split into micro-batches (from the memory a micro-batch needs, estimated from the model's shape).
 
 Precision (--precision auto, the default):
 - CUDA: bf16 where the GPU supports it, else fp16 (with the Trainer's loss scaling); fp32 master weights.
-- CPU: bf16 autocast where a probe shows bf16 matrix multiplication clearly faster than fp32 (CPUs with bf16
-  instructions, AVX512-BF16 / AMX), else fp32: on a CPU without them bf16 is emulated and several times slower.
-  Under DeepSpeed on the CPU, fp32.
+- CPU: bf16 autocast where the CPU has bf16 matrix instructions (x86 AMX-BF16 or AVX512-BF16, Arm BF16: its
+  /proc/cpuinfo flags say so), else fp32: without them bf16 is emulated and several times slower. A timing probe
+  decides only where there is no flag list to read (not Linux): medians of interleaved repeats, kept per machine
+  in ~/.cache/chatft/precision.json so that the same command chooses the same precision busy or idle (a single
+  timing on a busy machine is noise: three identical runs once chose fp32, bf16 and bf16). Under DeepSpeed on
+  the CPU, fp32. A resumed run keeps the precision it started in (chatft.training.command_line).
 - --precision fp32|bf16|fp16, --bf16 or --fp16 decide instead.
 
 Micro-batches (--micro_batch_size auto, the default): --per_device_train_batch_size stays what a process puts in
@@ -19,7 +22,10 @@ Activation checkpointing (unset: auto) is turned on only where one micro-batch o
 
 from __future__ import annotations
 
+import json
 import os
+import platform
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +37,7 @@ BF16_MIN_SPEEDUP = 1.2  # bf16 only where the probe multiplies at least this muc
 MICRO_TOKENS_CPU = 512  # tokens per forward that keep a CPU busy (bench/RESULTS.md)
 GPU_BUDGET_SHARE = 0.9
 GIB = 2**30
+PROBE_CACHE = Path("~/.cache/chatft/precision.json").expanduser()
 
 
 @dataclass(frozen=True)
@@ -77,22 +84,59 @@ class Shape:
 # ---------------------------------------------------------------------------------------------------- precision
 
 
-def probe_bf16_speedup(shape: Shape, reps: int = 5) -> float:
+def cpu_bf16_instructions(cpuinfo: str | None = None) -> bool | None:
+    """Whether the CPU multiplies bf16 in hardware, from /proc/cpuinfo's flags (x86: amx_bf16, avx512_bf16) or
+    Features (Arm: bf16); None where there is no such list to read."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags = set(value.split())
+            return bool(flags & {"amx_bf16", "avx512_bf16", "bf16"})
+    return None
+
+
+def probe_bf16_speedup(shape: Shape, reps: int = 7) -> float:
     """How many times faster the CPU multiplies a [512, hidden] by a [hidden, intermediate] matrix in bf16 than
-    in fp32 (best of reps, after a warm-up): about 2 with bf16 instructions, well under 1 without."""
+    in fp32: the median of reps interleaved pairs of timings (after a warm-up), so that a burst of other work
+    slows both sides of a pair alike."""
     a = torch.randn(512, shape.hidden)
     b = torch.randn(shape.hidden, shape.intermediate)
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    a @ b, a16 @ b16  # warm-up
+    ratios = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        a @ b
+        middle = time.perf_counter()
+        a16 @ b16
+        ratios.append((middle - start) / max(time.perf_counter() - middle, 1e-9))
+    return statistics.median(ratios)
 
-    def best(x: torch.Tensor, y: torch.Tensor) -> float:
-        x @ y  # warm-up
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            x @ y
-            times.append(time.perf_counter() - start)
-        return min(times)
 
-    return best(a, b) / best(a.bfloat16(), b.bfloat16())
+def cached_probe(shape: Shape, cache: Path = PROBE_CACHE, probe=None) -> tuple[float, bool]:
+    """(bf16 speedup, whether it came from the cache): probed once per machine, CPU model, torch version and
+    matrix shape, and kept in cache."""
+    key = f"{platform.machine()} {platform.processor()} {os.cpu_count()} torch {torch.__version__} {shape.hidden}x{shape.intermediate}"
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known, dict) and isinstance(known.get(key), int | float):
+        return float(known[key]), True
+    speedup = (probe or probe_bf16_speedup)(shape)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps((known if isinstance(known, dict) else {}) | {key: speedup}, indent=1))
+        tmp.replace(cache)
+    except OSError:
+        pass
+    return speedup, False
 
 
 def choose_precision(
@@ -101,8 +145,11 @@ def choose_precision(
     cuda: bool,
     deepspeed: bool,
     probe=None,
+    bf16_instructions: bool | None | str = "read",
+    cache: Path = PROBE_CACHE,
 ) -> tuple[str, str]:
-    """(fp32 | bf16 | fp16, why) for --precision requested (auto decides from the machine)."""
+    """(fp32 | bf16 | fp16, why) for --precision requested (auto decides from the machine). bf16_instructions:
+    "read" reads /proc/cpuinfo (cpu_bf16_instructions); None means there is no flag list, so a probe decides."""
     if requested != "auto":
         return requested, "--precision"
     if cuda:
@@ -111,10 +158,17 @@ def choose_precision(
         return "fp16", "auto: the GPU has no bf16; fp16 with loss scaling"
     if deepspeed:
         return "fp32", "auto: DeepSpeed on the CPU trains in fp32"
+    if bf16_instructions == "read":
+        bf16_instructions = cpu_bf16_instructions()
+    if bf16_instructions is True:
+        return "bf16", "auto: this CPU has bf16 matrix instructions (AMX-BF16 / AVX512-BF16 / Arm BF16)"
+    if bf16_instructions is False:
+        return "fp32", "auto: this CPU has no bf16 matrix instructions (bf16 would be emulated, and slow)"
     if shape is None:
-        return "fp32", "auto: the model's shape is unknown, so no probe"
-    speedup = (probe or probe_bf16_speedup)(shape)
+        return "fp32", "auto: no CPU flags to read and the model's shape is unknown, so no probe"
+    speedup, cached = cached_probe(shape, cache, probe)
     probe_text = f"a {512}x{shape.hidden} @ {shape.hidden}x{shape.intermediate} product"
+    probe_text += ", kept from an earlier probe" if cached else ""
     if speedup >= BF16_MIN_SPEEDUP:
         return "bf16", f"auto: this CPU multiplies in bf16 {speedup:.1f}x as fast as in fp32 ({probe_text})"
     return (

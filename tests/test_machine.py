@@ -24,16 +24,20 @@ def probe(speedup: float):
     return lambda _shape: speedup
 
 
-def test_precision_auto_follows_the_probe_on_the_cpu():
-    assert choose_precision("auto", SMOLLM2, cuda=False, deepspeed=False, probe=probe(4.4)) == (
+def test_precision_auto_follows_the_probe_where_the_cpu_has_no_flags(tmp_path):
+    def auto(speedup: float, shape=SMOLLM2, deepspeed=False):  # a machine without flags, a fresh probe cache
+        cache = tmp_path / f"{len(list(tmp_path.iterdir()))}.json"
+        return choose_precision("auto", shape, False, deepspeed, probe(speedup), None, cache)
+
+    assert auto(4.4) == (
         "bf16",
         "auto: this CPU multiplies in bf16 4.4x as fast as in fp32 (a 512x576 @ 576x1536 product)",
     )
-    precision, why = choose_precision("auto", SMOLLM2, cuda=False, deepspeed=False, probe=probe(0.3))
+    precision, why = auto(0.3)
     assert precision == "fp32" and "bf16 runs at 0.30x the speed of fp32" in why
-    assert choose_precision("auto", SMOLLM2, False, False, probe(1.1))[0] == "fp32"  # not worth its rounding
-    assert choose_precision("auto", SMOLLM2, False, True, probe(4.4))[0] == "fp32"  # DeepSpeed on the CPU
-    assert choose_precision("auto", None, False, False, probe(4.4))[0] == "fp32"  # no shape, no probe
+    assert auto(1.1)[0] == "fp32"  # not worth its rounding
+    assert auto(4.4, deepspeed=True)[0] == "fp32"  # DeepSpeed on the CPU
+    assert auto(4.4, shape=None)[0] == "fp32"  # no shape, no probe
     assert choose_precision("fp32", SMOLLM2, False, False, probe(4.4)) == ("fp32", "--precision")
     assert precision_flags("bf16", cuda=False) == ["--bf16", "True", "--use_cpu", "True"]
     assert precision_flags("bf16", cuda=True) == ["--bf16", "True"] and precision_flags("fp32", False) == []
@@ -79,7 +83,7 @@ def test_the_probe_times_a_bf16_product_against_an_fp32_one(monkeypatch):
 def test_parse_args_sets_the_trainers_precision(monkeypatch, tmp_path):
     save_tiny_model(tmp_path / "m")
     common = ["--train_file", "x.json", "--model_name_or_path", str(tmp_path / "m")]
-    monkeypatch.setattr(machine, "probe_bf16_speedup", probe(3.0))
+    monkeypatch.setattr(machine, "cpu_bf16_instructions", lambda cpuinfo=None: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     _, _, args = parse_args(common)
     assert (args.precision, args.bf16, args.use_cpu) == (
@@ -87,7 +91,7 @@ def test_parse_args_sets_the_trainers_precision(monkeypatch, tmp_path):
         True,
         True,
     ) and args.precision_why.startswith("auto")
-    monkeypatch.setattr(machine, "probe_bf16_speedup", probe(0.5))
+    monkeypatch.setattr(machine, "cpu_bf16_instructions", lambda cpuinfo=None: False)
     _, _, args = parse_args(common)
     assert (args.precision, args.bf16) == ("fp32", False)
     _, _, args = parse_args([*common, "--bf16", "True", "--use_cpu", "True"])

@@ -8,7 +8,7 @@ Defaults that differ from transformers' TrainingArguments (everything else is th
   malloc_trim (auto: on for CPU training; the memory freed by a micro-batch goes back to the system).
 - Added: chunked_loss True / loss_chunk_size (chatft.loss: the loss at trained positions only, LM head in
   chunks), group_by_length True (padded batches only: examples of similar length batched together).
-- Added: precision auto (bf16 autocast where the machine multiplies bf16 faster, chatft.machine), micro_batch_size
+- Added: precision auto (bf16 autocast where the machine has bf16 instructions, chatft.machine), micro_batch_size
   and max_memory (a step split into micro-batches from the memory they need; chatft.machine.plan_step).
 - activation_checkpointing: unset means "auto": on only where one micro-batch of one row does not fit the memory
   budget (chatft.machine.plan_step); never for ptuning.
@@ -104,9 +104,10 @@ class TrainArguments(Seq2SeqTrainingArguments):
     precision: str = field(
         default="auto",
         metadata={
-            "help": "auto: bf16 autocast (fp32 master weights) where it is faster, on a GPU that supports it or a "
-            "CPU whose probe multiplies bf16 at least 1.2x as fast as fp32, else fp32 (fp16 on a GPU without "
-            "bf16); or fp32, bf16, fp16. --bf16 / --fp16 also decide.",
+            "help": "auto: bf16 autocast (fp32 master weights) on a GPU that supports it or a CPU with bf16 "
+            "instructions (AMX-BF16, AVX512-BF16, Arm BF16; where the CPU's flags cannot be read, a probe kept per "
+            "machine), else fp32 (fp16 on a GPU without bf16); a resumed run keeps the precision it started in. "
+            "Or fp32, bf16, fp16. --bf16 / --fp16 also decide.",
             "choices": list(PRECISIONS),
         },
     )

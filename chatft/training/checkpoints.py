@@ -47,7 +47,7 @@ def resolve_resume(training_args) -> str | None:
     return resume
 
 
-def last_complete_checkpoint(output_dir: str) -> str | None:
+def last_complete_checkpoint(output_dir: str, say: Callable[[str], None] = print) -> str | None:
     """The newest checkpoint-N folder the Trainer finished writing (trainer_state.json is its last file); a run
     killed while saving leaves a newer one without it, which is skipped with a word."""
     folder = Path(output_dir)
@@ -59,8 +59,24 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
     for _, path in reversed(found):
         if (path / "trainer_state.json").is_file():
             return str(path)
-        print(f"{path} is incomplete (no trainer_state.json): skipped")
+        say(f"{path} is incomplete (no trainer_state.json): skipped")
     return None
+
+
+def resumed_precision(training_args) -> tuple[str, str] | None:
+    """(precision, checkpoint) of the checkpoint this run resumes from, as its run_args.json says it trained, or
+    None (no resume, no checkpoint yet, or nothing said)."""
+    resume = training_args.resume_from_checkpoint
+    if resume == "auto":
+        resume = last_complete_checkpoint(training_args.output_dir, say=lambda _msg: None)
+    if not resume:
+        return None
+    try:
+        run_args = json.loads((Path(resume) / RUN_ARGS_FILE).read_text(encoding="utf-8"))
+        precision = run_args["training"]["precision"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return (precision, resume) if precision in ("fp32", "bf16", "fp16") else None
 
 
 def save_run(trainer, training_args, run_args: dict, log: Callable[[str], None]) -> None:

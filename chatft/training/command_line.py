@@ -14,6 +14,7 @@ from transformers import HfArgumentParser
 from chatft.args import DataArguments, ModelArguments
 from chatft.machine import Shape, choose_precision, precision_flags
 from chatft.training.arguments import make_parser
+from chatft.training.checkpoints import resumed_precision
 
 # --help shows chatft's own arguments and these Trainer arguments, grouped; --help_all shows every one
 HELP_GROUPS = {
@@ -173,11 +174,17 @@ def parse_args(
         raise ValueError("--train_file is required (one or more .json/.jsonl files or directories)")
     given = "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else None
     cuda = torch.cuda.is_available() and not training_args.use_cpu
+    kept = resumed_precision(training_args) if training_args.precision == "auto" else None
     if given:
         precision, why = given, f"--{given}"
     else:
-        shape = Shape.of(model_args.model_name_or_path)
-        precision, why = choose_precision(training_args.precision, shape, cuda, bool(training_args.deepspeed))
+        if kept:  # a result must not depend on which precision the machine would choose today
+            precision, why = kept[0], f"auto: as the run resumed from {kept[1]} was trained"
+        else:
+            shape = Shape.of(model_args.model_name_or_path)
+            precision, why = choose_precision(
+                training_args.precision, shape, cuda, bool(training_args.deepspeed)
+            )
         flags = precision_flags(precision, cuda)
         if flags:  # the Trainer sets up its precision (and the CPU device) while it parses
             parsed = parser.parse_args_into_dataclasses(args=[*argv, *flags])

@@ -109,6 +109,17 @@ def _with_tools(body: dict, tools: Any) -> dict:
     return body if tools is None else {"tools": tools, **body}
 
 
+def _with_reasoning(item: dict, reasoning: str | None) -> dict:
+    return item if reasoning is None else {**item, "reasoning_content": reasoning}
+
+
+def _think_text(message: Message) -> str:
+    """An assistant's text with its reasoning as a leading <think> block (alpaca, sharegpt)."""
+    if message.reasoning is None:
+        return message.content
+    return f"<think>\n{message.reasoning}\n</think>\n\n{message.content}"
+
+
 def _write_multi_turn(conv: Conversation) -> dict:
     turns: list[dict] = []
     messages = conv.messages
@@ -121,7 +132,9 @@ def _write_multi_turn(conv: Conversation) -> dict:
                 f"{_which(i, m)} does not follow a tool call; multi-turn writes a call and its result as one tool turn",
             )
         if not m.tool_calls:
-            turns.append(_with_loss({"role": m.role, "content": m.content}, m.loss))
+            turns.append(
+                _with_loss(_with_reasoning({"role": m.role, "content": m.content}, m.reasoning), m.loss)
+            )
             i += 1
             continue
         result = messages[i + 1] if i + 1 < len(messages) else None
@@ -132,7 +145,7 @@ def _write_multi_turn(conv: Conversation) -> dict:
             "parameters": call.arguments,
             "observation": result.content,
         }
-        turns.append(_with_loss(item, m.loss))
+        turns.append(_with_loss(_with_reasoning(item, m.reasoning), m.loss))
         i += 2
     return _with_tools({"conversations": turns}, conv.tools)
 
@@ -171,6 +184,8 @@ def _write_input_output(conv: Conversation) -> dict:
     prompt, response = conv.messages
     if response.tool_calls:
         raise _cannot("input-output", "the response is a tool call; input-output has no tool calls")
+    if response.reasoning is not None:
+        raise _cannot("input-output", "the response has reasoning; input-output responses are raw text")
     return {"prompt": prompt.content, "response": response.content}
 
 
@@ -197,7 +212,7 @@ def _write_openai(conv: Conversation) -> dict:
                 pending.remove(answered)
                 link = {"tool_call_id": answered[0]}
             item = {"role": "tool", **link, "name": m.name, "content": m.content}
-        messages.append(_with_loss(item, m.loss))
+        messages.append(_with_loss(_with_reasoning(item, m.reasoning), m.loss))
     return _with_tools({"messages": messages}, conv.tools)
 
 
@@ -237,7 +252,7 @@ def _alpaca_pairs(messages: list[Message], start: int) -> list[tuple[str, str]]:
                 f"alpaca holds [question, answer] pairs: message {i + 1} must be a user message followed by an "
                 f"assistant reply (roles: {', '.join(m.role for m in messages)})",
             )
-        pairs.append((question.content, answer.content))
+        pairs.append((question.content, _think_text(answer)))
     if not pairs:
         raise _cannot("alpaca", "alpaca needs a user message and an assistant reply")
     return pairs
@@ -261,15 +276,17 @@ def _write_sharegpt(conv: Conversation) -> dict:
                 )
             turns.append({"from": "observation", "value": m.content})
         elif m.tool_calls:
-            if m.content:
+            if m.content or m.reasoning is not None:
                 raise _cannot(
-                    "sharegpt", f"{_which(i, m)} has text and tool calls; a function_call turn has no text"
+                    "sharegpt",
+                    f"{_which(i, m)} has {'text' if m.content else 'reasoning'} and tool calls; a function_call "
+                    "turn has neither",
                 )
             calls = [{"name": c.name, "arguments": c.arguments} for c in m.tool_calls]
             value = json.dumps(calls[0] if len(calls) == 1 else calls, ensure_ascii=False)
             turns.append({"from": "function_call", "value": value})
         else:
-            turns.append({"from": "gpt", "value": m.content})
+            turns.append({"from": "gpt", "value": _think_text(m)})
     record: dict[str, Any] = {"conversations": turns}
     if system is not None:
         record["system"] = system

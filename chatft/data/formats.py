@@ -8,6 +8,13 @@ Formats (see `FORMAT_NAMES`):
 - openai (with XTuner's per-message loss): {"messages": [{"role", "content", "loss"?, "tool_calls"?}], "tools"?}
 - alpaca: {"instruction", "input"?, "output", "system"?, "history"?: [[q, a], ...]}
 - sharegpt: {"conversations": [{"from", "value"}], "system"?, "tools"?}
+
+Reasoning traces (Message.reasoning): an assistant message's `reasoning_content` (alias `reasoning`) in openai and
+multi-turn records, or a leading <think>...</think> block of an assistant's text in every chat format (openai and
+multi-turn content, alpaca output and history answers, sharegpt gpt values). The newlines just inside the block
+and just after it are not part of either text (reasoning templates write them). Reasoning on any other message, a
+<think> block that is not closed, a </think> elsewhere in an answer (templates split the answer there) and
+reasoning given twice are located errors. input-output records are raw text: a <think> block there is text.
 """
 
 from __future__ import annotations
@@ -45,6 +52,8 @@ _SHAREGPT_FROM = {
     "system": "system",
 }
 _SHAREGPT_NAMES = "human, gpt, function_call, observation, system"
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+REASONING_KEYS = ("reasoning_content", "reasoning")  # OpenAI-style message keys (DeepSeek's API, vLLM)
 
 
 class DataFileError(ValueError):
@@ -439,6 +448,53 @@ def _trained_content(content: str, loss: bool | None, path: str) -> str:
     return content if loss is False else _nonempty(content, path, _EMPTY_TRAINED)
 
 
+def split_think(text: str, path: str) -> tuple[str | None, str]:
+    """(reasoning, answer) of an assistant's text: a leading <think>...</think> block (white space before it
+    allowed) is the reasoning, without the newlines just inside it, and the answer is what follows, without the
+    newlines just after it (Qwen3's template reads a <think> block so); no block: (None, text)."""
+    stripped = text.lstrip()
+    reasoning, answer = None, text
+    if stripped.startswith(THINK_OPEN):
+        end = stripped.find(THINK_CLOSE)
+        if end == -1:
+            raise RecordError(path, f"opens a {THINK_OPEN} block that is not closed by {THINK_CLOSE}")
+        reasoning = stripped[len(THINK_OPEN) : end].strip("\n")
+        answer = stripped[end + len(THINK_CLOSE) :].lstrip("\n")
+    if THINK_CLOSE in answer:
+        raise RecordError(
+            path,
+            f"holds {THINK_CLOSE} outside a leading {THINK_OPEN}...{THINK_CLOSE} block (reasoning templates split "
+            "an answer there): put the reasoning first, or in reasoning_content",
+        )
+    return reasoning, answer
+
+
+def _reasoning_field(item: dict, path: str, allowed: bool) -> str | None:
+    """reasoning_content (or its alias reasoning) of a message; allowed only on an assistant's turn."""
+    given = [key for key in REASONING_KEYS if item.get(key) is not None]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise RecordError(f"{path}.{given[1]}", f"give {given[0]} or its alias {given[1]}, not both")
+    where = f"{path}.{given[0]}"
+    if not allowed:
+        raise RecordError(where, "only allowed on assistant messages")
+    text = _string(item[given[0]], where)
+    if THINK_CLOSE in text:
+        raise RecordError(where, f"must not hold {THINK_CLOSE} (the template closes the reasoning with it)")
+    return text
+
+
+def _assistant_text(content: str, reasoning: str | None, path: str) -> tuple[str | None, str]:
+    """(reasoning, answer) of an assistant's content, its reasoning field (None when absent) taken into account."""
+    block, answer = split_think(content, path)
+    if block is not None and reasoning is not None:
+        raise RecordError(
+            path, f"holds a {THINK_OPEN} block and the message has reasoning_content too: give it once"
+        )
+    return (reasoning if block is None else block), answer
+
+
 # ---------------------------------------------------------------------------------------------------- multi-turn
 
 
@@ -465,22 +521,24 @@ def _check_multi_turn_system(messages: list[Message], path: str) -> None:
 
 def _multi_turn_message(item: dict, role: str, path: str) -> list[Message]:
     loss = _loss(item, path, trainable=role in ("assistant", "tool"))
+    reasoning = _reasoning_field(item, path, allowed=role in ("assistant", "tool"))
     if role == "tool":
-        return _multi_turn_tool(item, loss, path)
+        return _multi_turn_tool(item, loss, reasoning, path)
     content = _required_string(item, "content", f"{path}.content")
     if role == "assistant":
+        reasoning, content = _assistant_text(content, reasoning, f"{path}.content")
         _trained_content(content, loss, f"{path}.content")
-    return [Message(role, content, loss=loss)]
+    return [Message(role, content, loss=loss, reasoning=reasoning)]
 
 
-def _multi_turn_tool(item: dict, loss: bool | None, path: str) -> list[Message]:
+def _multi_turn_tool(item: dict, loss: bool | None, reasoning: str | None, path: str) -> list[Message]:
     """A ChatGLM3 tool turn: the assistant's call (trained like an assistant turn) and the observation."""
     name = _nonempty(_required_string(item, "name", f"{path}.name"), f"{path}.name")
     parameters = _object(_require(item, "parameters", f"{path}.parameters"), f"{path}.parameters")
     observation = _require(item, "observation", f"{path}.observation")
     if not isinstance(observation, str):
         observation = json.dumps(observation, ensure_ascii=False)
-    call = Message("assistant", "", loss=loss, tool_calls=[ToolCall(name, parameters)])
+    call = Message("assistant", "", loss=loss, tool_calls=[ToolCall(name, parameters)], reasoning=reasoning)
     return [call, Message("tool", observation, name=name)]
 
 
@@ -516,8 +574,9 @@ def _openai_message(raw: Any, index: int, call_names: dict[str, str]) -> Message
     if role == "system" and index != 0:
         raise RecordError(f"{path}.role", "system message must be the first message")
     loss = _loss(item, path, trainable=role == "assistant")
+    reasoning = _reasoning_field(item, path, allowed=role == "assistant")
     if role == "assistant":
-        return _openai_assistant(item, loss, path, call_names)
+        return _openai_assistant(item, loss, reasoning, path, call_names)
     if item.get("tool_calls"):
         raise RecordError(f"{path}.tool_calls", "only allowed on assistant messages")
     content = _required_string(item, "content", f"{path}.content")
@@ -525,14 +584,17 @@ def _openai_message(raw: Any, index: int, call_names: dict[str, str]) -> Message
     return Message(role, content, loss=loss, name=name)
 
 
-def _openai_assistant(item: dict, loss: bool | None, path: str, call_names: dict[str, str]) -> Message:
+def _openai_assistant(
+    item: dict, loss: bool | None, reasoning: str | None, path: str, call_names: dict[str, str]
+) -> Message:
     calls = _openai_tool_calls(item.get("tool_calls"), f"{path}.tool_calls", call_names)
     if calls and item.get("content") is None:
-        return Message("assistant", "", loss=loss, tool_calls=calls)
+        return Message("assistant", "", loss=loss, tool_calls=calls, reasoning=reasoning)
     content = _required_string(item, "content", f"{path}.content")
+    reasoning, content = _assistant_text(content, reasoning, f"{path}.content")
     if not calls:
         _trained_content(content, loss, f"{path}.content")
-    return Message("assistant", content, loss=loss, tool_calls=calls)
+    return Message("assistant", content, loss=loss, tool_calls=calls, reasoning=reasoning)
 
 
 def _openai_tool_calls(value: Any, path: str, call_names: dict[str, str]) -> list[ToolCall]:
@@ -571,17 +633,18 @@ def _openai_tool_name(item: dict, path: str, call_names: dict[str, str]) -> str 
 def _read_alpaca(record: dict) -> Conversation:
     instruction = _nonempty(_required_string(record, "instruction", "instruction"), "instruction")
     extra_input = _optional_string(record, "input", "input")
-    output = _nonempty(_required_string(record, "output", "output"), "output", _EMPTY_TRAINED)
+    reasoning, output = split_think(_required_string(record, "output", "output"), "output")
+    _nonempty(output, "output", _EMPTY_TRAINED)
     system = _optional_string(record, "system", "system")
     messages = [Message("system", system)] if system.strip() else []
     for question, answer in _alpaca_history(record.get("history")):
-        messages += [Message("user", question), Message("assistant", answer)]
+        messages += [Message("user", question), answer]
     prompt = f"{instruction}\n{extra_input}" if extra_input.strip() else instruction
-    messages += [Message("user", prompt), Message("assistant", output)]
+    messages += [Message("user", prompt), Message("assistant", output, reasoning=reasoning)]
     return Conversation(messages)
 
 
-def _alpaca_history(value: Any) -> list[tuple[str, str]]:
+def _alpaca_history(value: Any) -> list[tuple[str, Message]]:
     if value is None:
         return []
     pairs = []
@@ -590,8 +653,9 @@ def _alpaca_history(value: Any) -> list[tuple[str, str]]:
             got = f"list of {len(pair)}" if isinstance(pair, list) else _type_name(pair)
             raise RecordError(f"history[{i}]", f"must be a [question, answer] pair, got {got}")
         question = _string(pair[0], f"history[{i}][0]")
-        answer = _nonempty(_string(pair[1], f"history[{i}][1]"), f"history[{i}][1]", _EMPTY_TRAINED)
-        pairs.append((question, answer))
+        reasoning, answer = split_think(_string(pair[1], f"history[{i}][1]"), f"history[{i}][1]")
+        _nonempty(answer, f"history[{i}][1]", _EMPTY_TRAINED)
+        pairs.append((question, Message("assistant", answer, reasoning=reasoning)))
     return pairs
 
 
@@ -652,7 +716,8 @@ def _sharegpt_message(kind: str, value: str, path: str) -> Message:
     if kind == "observation":
         return Message("tool", value)
     if kind == "gpt":
-        return Message("assistant", _nonempty(value, path, _EMPTY_TRAINED))
+        reasoning, answer = split_think(value, path)
+        return Message("assistant", _nonempty(answer, path, _EMPTY_TRAINED), reasoning=reasoning)
     return Message("assistant", "", tool_calls=_sharegpt_calls(value, path))
 
 

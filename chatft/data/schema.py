@@ -20,6 +20,8 @@ class Message:
 
     loss: None means the default (assistant turns trained, everything else not); an explicit value wins for
     assistant turns. Readers reject `loss: true` on other roles, so `trained` never has to guess.
+    reasoning: an assistant turn's reasoning trace (OpenAI's `reasoning_content`, or a leading <think> block of
+    its content), given to the chat template as the message's `reasoning_content`; None: none given.
     """
 
     role: str
@@ -27,6 +29,7 @@ class Message:
     loss: bool | None = None
     tool_calls: list[ToolCall] = field(default_factory=list)
     name: str | None = None
+    reasoning: str | None = None
 
     @property
     def trained(self) -> bool:

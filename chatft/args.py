@@ -125,6 +125,15 @@ class DataArguments:
             "(a cut response gets none)."
         },
     )
+    chat_template_kwargs: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Extra variables for the chat template, as a JSON object, e.g. '{\"enable_thinking\": false}' "
+            "(Qwen3-style templates: answers without reasoning, the empty think block given in the prompt). Given "
+            "to every rendering of the data (and check_data.py's), part of the preprocessing cache key, saved "
+            "with the run."
+        },
+    )
     preprocessing_num_workers: int | None = field(
         default=None, metadata={"help": "Processes for tokenization (datasets.map num_proc)."}
     )
@@ -169,6 +178,10 @@ class DataArguments:
         if self.train_format not in FORMATS:
             raise ValueError(f"--train_format must be one of {', '.join(FORMATS)}, not {self.train_format!r}")
         check_lengths(self.max_seq_length, self.max_source_length, self.max_target_length)
+        from chatft.data.templates import parse_chat_template_kwargs  # transformers: only once parsed
+
+        # a dict from here on (None when empty): what the run saves and the data preparation takes
+        self.chat_template_kwargs = parse_chat_template_kwargs(self.chat_template_kwargs) or None
 
 
 @dataclass

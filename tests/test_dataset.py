@@ -45,7 +45,7 @@ def test_counts_valid_invalid_skipped_truncated(tmp_path):
     assert s.closing_tokens == {"<|im_end|>": 2}
     lines = s.lines()
     assert "end of turn trained: '<|im_end|>' x2" in lines
-    assert lines[lines.index("skipped and truncated records:") + 1 :][:2] == [f"  {n}" for n in s.notes]
+    assert lines[lines.index("skipped and truncated examples:") + 1 :][:2] == [f"  {n}" for n in s.notes]
 
 
 def test_a_record_with_nothing_to_train_is_named(tmp_path):
@@ -66,7 +66,7 @@ def test_only_the_first_skipped_and_truncated_records_are_named(tmp_path):
     f = write_jsonl(tmp_path / "d.jsonl", [GOOD] + [untrained] * 25)
     s = prepare_data([f], "auto", make_tokenizer(), None, log=lambda _: None).stats
     assert s.skipped == 25 and len(s.notes) == 20 and s.notes[-1].startswith(f"{f}:21: skipped")
-    assert "skipped and truncated records (the first 20):" in s.lines()
+    assert "skipped and truncated examples (the first 20):" in s.lines()
 
 
 def test_tools_without_template_support_are_announced(tmp_path):

@@ -5,7 +5,8 @@ Per family: ids equal apply_chat_template; labels are exactly what the model gen
 prompt, through the turn's closing token (literal expectations); a model trained on one conversation generates
 that answer and stops at the family's end of turn; LoRA and P-Tuning v2 train and reload; a merged LoRA model
 answers as base + adapter; a packed row's logits equal each example's alone (sliding windows and soft-capping
-included); conversations a template cannot label exactly are refused with what to do.
+included); conversations a template renders differently once later turns follow are split, each turn trained in
+the context it is generated in.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from families import CLOSERS, FAMILIES, SAMPLE_CONVERSATIONS, make_tokenizer, sa
 
 from chatft.collator import PackedCollator
 from chatft.data.schema import Conversation, Message
-from chatft.data.templates import IGNORE_INDEX, TemplateError, encode, get_template
+from chatft.data.templates import IGNORE_INDEX, encode, encode_examples, get_template
 from chatft.inference import cli, generation, loading, merge
 from chatft.training.stages import main as train_main
 from chatft.training.trainer import packed_attention
@@ -58,9 +59,10 @@ TRAINED = {
     "zephyr": (["hello", " ", "there", "</s>"], ["ok", " \n", "</s>"], ["\n  ", "hi", " ", "there", "</s>"]),
 }  # fmt: skip
 
-# SAMPLE_CONVERSATIONS[1] (system, two exchanges) cannot be labelled exactly with these: Qwen3 drops the think
-# block of the first answer once a user turn follows; Mistral moves the system text to the last user turn.
-REFUSED = {"qwen3": [1], "mistral": [1]}
+# SAMPLE_CONVERSATIONS[1] (system, two exchanges) is one example per answer with these: Qwen3 drops the think
+# block of the first answer once a user turn follows; Mistral v0.3 writes the system text only into a user turn
+# that ends the conversation (so no rendering holds it and an answer: the answer follows its generation prompt).
+SPLIT = {"qwen3": [1], "mistral": [1]}
 
 
 def conversation(messages: list[dict]) -> Conversation:
@@ -88,9 +90,8 @@ def test_the_matrix_covers_every_family():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_ids_are_the_chat_templates_and_labels_what_the_model_generates(family):
     for i, messages in enumerate(SAMPLE_CONVERSATIONS):
-        if i in REFUSED.get(family, []):
-            with pytest.raises(TemplateError, match="cannot be trained exactly in this conversation"):
-                encoded(family, messages)
+        if i in SPLIT.get(family, []):
+            each_answer_in_its_own_context(family, messages)
             continue
         tok, e = encoded(family, messages)
         rendered = tok.apply_chat_template(messages, tokenize=True, return_dict=False)
@@ -103,6 +104,23 @@ def test_ids_are_the_chat_templates_and_labels_what_the_model_generates(family):
     for i, expected in zip((0, 2, 3), TRAINED[family], strict=True):
         tok, e = encoded(family, SAMPLE_CONVERSATIONS[i])
         assert trained_tokens(tok, e) == expected, i
+
+
+def each_answer_in_its_own_context(family: str, messages: list[dict]) -> None:
+    """One example per answer: the generation prompt before it untrained, then exactly what the template renders
+    for that answer as the last message (Qwen3's empty think block included; Mistral's space after [/INST])."""
+    tok = make_tokenizer(family)
+    examples = encode_examples(conversation(messages), tok, get_template(None, tok))
+    answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    assert [e.turns for e in examples] == [[n + 1] for n in range(len(answers))]
+    for e, i in zip(examples, answers, strict=True):
+        head = tok.apply_chat_template(messages[:i], add_generation_prompt=True, tokenize=False)
+        upto = tok.apply_chat_template(messages[: i + 1], tokenize=False)
+        own = upto if upto.startswith(head) else head + " " + messages[i]["content"] + tok.eos_token
+        assert e.input_ids == tok(own, add_special_tokens=False)["input_ids"]
+        trained = tok.decode([t for t, label in zip(e.input_ids, e.labels, strict=True) if label != X])
+        assert head + trained == own.removesuffix("\n")  # ChatML's newline after <|im_end|> is not trained
+    assert ("<think>" in tok.decode(examples[0].input_ids)) == (family == "qwen3")
 
 
 # ---------------------------------------------------------------------------------------------------- training

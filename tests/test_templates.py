@@ -9,6 +9,7 @@ from chatft.data.templates import (
     NATIVE_TEMPLATES,
     TemplateError,
     encode,
+    encode_examples,
     get_template,
     truncate,
 )
@@ -178,16 +179,31 @@ def test_tools_passed_to_template_that_supports_them():
     assert "".join(tok.convert_ids_to_tokens(e.input_ids)).count("<|im_start|>tool\nsunny") == 1
 
 
-def test_template_that_rewrites_earlier_turns_is_refused():
-    # Drops the content of every assistant turn but the last (as some reasoning templates do).
+def test_template_that_rewrites_earlier_turns_trains_each_turn_in_its_own_context():
+    # Drops the content of every assistant turn but the last (as some reasoning templates do): the first answer
+    # is trained in render([user, assistant]), where it is the last message, as the model generated it; the
+    # second in the whole conversation. One encode_chat example cannot hold both.
     template = (
         "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
         "{% if message['role'] != 'assistant' or loop.last %}{{ message['content'] }}{% endif %}<|im_end|>\n"
         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
+    tok = make_tokenizer(template)
     conv = chat(("user", "hi"), ("assistant", "hello"), ("user", "bye"), ("assistant", "ok"))
-    with pytest.raises(TemplateError, match="renders turn 2 differently"):
-        enc(conv, make_tokenizer(template))
+    first, second = encode_examples(conv, tok, get_template(None, tok))
+    assert first.input_ids == ids(
+        "<|im_start|>", "user", "\n", "hi", "<|im_end|>", "\n", "<|im_start|>", "assistant", "\n", "hello",
+        "<|im_end|>", "\n",
+    )  # fmt: skip
+    assert first.labels == [X] * 9 + ids("hello", "<|im_end|>") + [X]
+    assert (first.turns, second.turns) == ([1], [2])
+    # the history shows the first answer as the template renders it later: empty, untrained
+    assert second.input_ids[6:12] == ids("<|im_start|>", "assistant", "\n", "<|im_end|>", "\n", "<|im_start|>")
+    assert [t for t, label in zip(second.input_ids, second.labels, strict=True) if label != X] == ids(
+        "ok", "<|im_end|>"
+    )
+    with pytest.raises(TemplateError, match="trains as 2 examples"):
+        enc(conv, tok)
 
 
 def test_no_chat_template_needs_template_flag():

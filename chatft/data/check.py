@@ -45,8 +45,21 @@ def position_warning(model_config, max_seq_length: int, lengths: list[int]) -> s
     )
 
 
+DUMP_HELP = (
+    "write what will be trained to this path, one JSON object per line and per training example: "
+    '{"file", "record", "input_ids", "labels"} for sft. record is the example\'s source record: its line in a '
+    "JSON-lines file (1-based, blank lines counted), or its 1-based element in a .json array. A conversation the chat "
+    "template splits (it renders earlier turns differently once later turns follow: each turn is trained in the "
+    "context it is generated in) gives several lines with the same file and record, in the order of their turns. "
+    "labels are aligned with input_ids (the model shifts them), -100 where not trained. Only the examples that are "
+    "trained are written, truncated as training truncates them; invalid and skipped records are in the report. "
+    "Preference stages write their pair columns (prompt, chosen, rejected ids) with file and record instead."
+)
+
+
 def write_dump(prepared: PreparedData, path: str) -> None:
-    """One JSON object per kept example: its file, its record number in that file, input_ids and labels."""
+    """One JSON object per kept example: its file, its record number in that file, input_ids and labels (the
+    contract is DUMP_HELP: people audit what is trained with it)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         for ex in prepared.dataset:
@@ -93,11 +106,17 @@ def make_parser() -> argparse.ArgumentParser:
         choices=list(NATIVE_TEMPLATES),
         help="native chat template; default: the tokenizer's own chat template",
     )
+    p.add_argument(
+        "--chat_template_kwargs",
+        default=None,
+        metavar="JSON",
+        help="extra variables for the chat template, e.g. '{\"enable_thinking\": false}' (as finetune.py takes them)",
+    )
     p.add_argument("--max_seq_length", type=int, default=2048)
     p.add_argument("--max_source_length", type=int, default=None, help="input-output: cut prompts to this")
     p.add_argument("--max_target_length", type=int, default=None, help="input-output: cut responses to this")
     p.add_argument("--preprocessing_num_workers", type=int, default=None)
-    p.add_argument("--dump", default=None, help="write the kept examples as JSON lines to this path")
+    p.add_argument("--dump", default=None, metavar="FILE", help=DUMP_HELP)
     return p
 
 
@@ -115,9 +134,12 @@ def main(argv: list[str] | None = None) -> int:
                 args.max_source_length,
                 args.max_target_length,
                 args.preprocessing_num_workers,
+                chat_template_kwargs=args.chat_template_kwargs,
             )
             lines, dump = report_lines(prepared, tokenizer), write_dump
         else:
+            if args.chat_template_kwargs:
+                raise ValueError("--chat_template_kwargs is taken for --stage sft only, so far")
             from chatft.preference import encode
 
             encode.check_target_length(args.max_target_length)

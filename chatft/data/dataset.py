@@ -1,10 +1,16 @@
-"""Data files -> a tokenized datasets.Dataset of {input_ids, labels}, with the counts of everything left out.
+"""Data files -> a tokenized datasets.Dataset of {input_ids, labels, file, record}, with the counts of everything
+left out.
+
+A record is one conversation and most often one example; with a chat template that renders earlier turns
+differently once later turns follow (chatft.data.templates.plan_examples), it can be several, each with the same
+`file` and `record` (the line of a .jsonl file, the 1-based element of a .json array). Truncation applies to each
+example; the summary counts the conversations split, the examples they gave and the tokens that cost.
 
 Shared by scripts/check_data.py and finetune.py, so the checker and training can never disagree.
 
 With a cache folder, the result is kept on disk under a key made of everything that can change it: each data
 file's name and content hash, the tokenizer's serialized files, the template, the format, the length settings and
-the source of the data code. A second run with the same key loads it (memory-mapped Arrow) instead of
+the source of the data code, and the chat_template_kwargs. A second run with the same key loads it (memory-mapped Arrow) instead of
 tokenizing; any change to one of them misses and tokenizes afresh.
 """
 
@@ -33,8 +39,10 @@ from chatft.data.templates import (
     Encoded,
     Template,
     TemplateError,
-    encode,
+    encode_examples,
     get_template,
+    parse_chat_template_kwargs,
+    render_conversation,
     template_supports_tools,
     truncate,
 )
@@ -55,9 +63,15 @@ class DataStats:
     records_read: int = 0
     valid: int = 0
     invalid: int = 0
-    skipped: int = 0  # valid records left with no trained token (loss false everywhere, or after truncation)
+    skipped: int = 0  # examples left with no trained token (loss false everywhere, or after truncation)
     skipped_why: str = "no trained token left"  # what "skipped" means in lines()
-    truncated: int = 0
+    truncated: int = 0  # examples truncated
+    # conversations the template made several examples of, those examples, their tokens, and the tokens of the
+    # same conversations rendered whole (before truncation)
+    split: int = 0
+    split_examples: int = 0
+    split_tokens: int = 0
+    split_whole_tokens: int = 0
     lengths: list[int] = field(default_factory=list)
     trained_tokens: int = 0
     closing_tokens: dict[str, int] = field(default_factory=dict)  # token -> trained turns it closes
@@ -80,13 +94,21 @@ class DataStats:
                 f"tokens per example: min {s[0]}, median {statistics.median(s):g}, p95 {p95}, max {s[-1]}; "
                 f"total {total}, trained {self.trained_tokens} ({100 * self.trained_tokens / total:.1f}%)"
             )
+        if self.split:
+            extra = self.split_tokens - self.split_whole_tokens
+            out.append(
+                f"split: {self.split} conversation(s) into {self.split_examples} examples (the chat template renders "
+                "earlier turns differently once later turns follow: each turn is trained in the context it is "
+                f"generated in), {self.split_tokens} tokens instead of {self.split_whole_tokens} whole "
+                f"({extra:+d})"
+            )
         if self.closing_tokens:
             closers = ", ".join(f"{tok!r} x{n}" for tok, n in self.closing_tokens.items())
             out.append(f"end of turn trained: {closers}")
         shown = len(self.notes)
         if shown:
             more = self.skipped + self.truncated - shown
-            out.append(f"skipped and truncated records{f' (the first {shown})' if more > 0 else ''}:")
+            out.append(f"skipped and truncated examples{f' (the first {shown})' if more > 0 else ''}:")
             out += [f"  {note}" for note in self.notes]
         source = f" (loaded from the cache {self.cache})" if self.cache else ""
         out.append(f"preprocessing took {self.seconds:.1f} s{source}")
@@ -114,35 +136,50 @@ def conversation_from_json(text: str) -> Conversation:
             loss=m["loss"],
             tool_calls=[ToolCall(**c) for c in m["tool_calls"]],
             name=m["name"],
+            reasoning=m.get("reasoning"),
         )
         for m in d["messages"]
     ]
     return Conversation(messages, d["tools"], d["raw"])
 
 
+_COLUMNS = ("file", "record", "input_ids", "labels", "closers", "truncated", "error", "note", "examples")
+
+
 def _encode_batch(
     batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, settings: EncodeSettings
 ) -> dict:
-    out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "closers", "truncated", "error", "note")}
-    for text in batch["conversation"]:
+    """Each record -> one row per example (several for a conversation the template splits), or one row with
+    its error. `examples` on a record's first row: (its examples, their tokens, its whole rendering's tokens)
+    when it was split, else (1, 0, 0); (0, 0, 0) on its other rows."""
+    out: dict[str, list] = {k: [] for k in _COLUMNS}
+
+    def add(file: str, record: int, **row) -> None:
+        for key in _COLUMNS:
+            out[key].append({"file": file, "record": record, **row}[key])
+
+    for file, record, text in zip(batch["file"], batch["record"], batch["conversation"], strict=True):
         try:
             conv = conversation_from_json(text)
-            enc = encode(
+            examples = encode_examples(
                 conv, tokenizer, settings.template, settings.max_source_length, settings.max_target_length
             )
+            split = (1, 0, 0)
+            if len(examples) > 1:
+                whole = render_conversation(conv, tokenizer, settings.template)
+                whole_tokens = len(tokenizer(whole, add_special_tokens=False)["input_ids"])
+                split = (len(examples), sum(len(e.input_ids) for e in examples), whole_tokens)
         except TemplateError as e:
-            for key, value in (("input_ids", []), ("labels", []), ("closers", []), ("truncated", False)):
-                out[key].append(value)
-            out["error"].append(str(e))
-            out["note"].append("")
+            add(file, record, input_ids=[], labels=[], closers=[], truncated=False, error=str(e), note="",
+                examples=(0, 0, 0))  # fmt: skip
             continue
-        kept, cut = truncate(enc, settings.max_seq_length)
-        out["input_ids"].append(kept.input_ids)
-        out["labels"].append(kept.labels)
-        out["closers"].append(kept.closers)
-        out["truncated"].append(cut)
-        out["error"].append("")
-        out["note"].append(_note(enc, kept, cut, settings))
+        for k, enc in enumerate(examples):
+            kept, cut = truncate(enc, settings.max_seq_length)
+            note = _note(enc, kept, cut, settings)
+            if note and len(examples) > 1:
+                note = f"example {k + 1} of {len(examples)} (turns {', '.join(map(str, enc.turns))}): {note}"
+            add(file, record, input_ids=kept.input_ids, labels=kept.labels, closers=kept.closers, truncated=cut,
+                error="", note=note, examples=split if k == 0 else (0, 0, 0))  # fmt: skip
     return out
 
 
@@ -217,12 +254,12 @@ def tokenize_conversations(
             "conversation": [conversation_to_json(c) for _, _, c in loaded.records],
         }
     )
-    encoded = raw.map(
+    encoded = raw.map(  # more rows than records where a conversation is split
         _encode_batch,
         batched=True,
         fn_kwargs={"tokenizer": tokenizer, "settings": settings},
         num_proc=num_proc if num_proc and num_proc > 1 and len(raw) >= 2 * num_proc else None,
-        remove_columns=["conversation"],
+        remove_columns=raw.column_names,
         desc="tokenizing",
     )
     problems = list(loaded.problems)
@@ -241,7 +278,10 @@ def tokenize_conversations(
     )
     notes = encoded["note"]
     stats.notes = [f"{files[i]}:{records[i]}: {n}" for i, n in enumerate(notes) if n][:NOTES_SHOWN]
-    dataset = encoded.select(keep).remove_columns(["error", "truncated", "closers", "note"])
+    split = [e for e in encoded["examples"] if e[0] > 1]
+    stats.split, stats.split_examples = len(split), sum(e[0] for e in split)
+    stats.split_tokens, stats.split_whole_tokens = sum(e[1] for e in split), sum(e[2] for e in split)
+    dataset = encoded.select(keep).remove_columns(["error", "truncated", "closers", "note", "examples"])
     truncated = encoded["truncated"]
     stats.truncated = sum(1 for i in keep if truncated[i])
     stats.lengths = [len(x) for x in dataset["input_ids"]]
@@ -269,18 +309,28 @@ def prepare_data(
     *,
     cache_dir: str | os.PathLike | None = None,
     overwrite_cache: bool = False,
+    chat_template_kwargs: str | dict | None = None,
 ) -> PreparedData:
     """Read, validate and tokenize; with cache_dir, load the result of an identical earlier call from there.
+    chat_template_kwargs (a dict or its JSON text) go to every rendering of the chat template.
 
     stats.seconds is the wall time of this call; stats.cache is the folder it was loaded from ("" if tokenized).
     """
     start = time.perf_counter()
     check_lengths(max_seq_length, max_source_length, max_target_length)
     check_tokenizer(tokenizer)
+    template_kwargs = parse_chat_template_kwargs(chat_template_kwargs)
     folder = None
     if cache_dir is not None:
         key = cache_key(
-            paths, fmt, tokenizer, template_name, max_seq_length, max_source_length, max_target_length
+            paths,
+            fmt,
+            tokenizer,
+            template_name,
+            max_seq_length,
+            max_source_length,
+            max_target_length,
+            chat_template_kwargs=template_kwargs,
         )
         folder = Path(cache_dir).expanduser() / key
         if not overwrite_cache:
@@ -295,7 +345,8 @@ def prepare_data(
         log(line)
 
     loaded = load_conversations(paths, fmt, log=log_and_keep)
-    template = None if all(c.raw for _, _, c in loaded.records) else get_template(template_name, tokenizer)
+    raw_only = all(c.raw for _, _, c in loaded.records)
+    template = None if raw_only else get_template(template_name, tokenizer, template_kwargs)
     note = tools_fallback_note(template, tokenizer, (c for _, _, c in loaded.records))
     if note:
         log_and_keep(note)
@@ -312,7 +363,7 @@ def prepare_data(
 # ----------------------------------------------------------------------------------------------------------------
 # the on-disk cache
 
-CACHE_FORMAT = 2  # bump when what is stored changes shape
+CACHE_FORMAT = 3  # bump when what is stored changes shape
 _DATA_CODE = ("formats.py", "templates.py", "schema.py", "dataset.py")
 
 
@@ -324,6 +375,8 @@ def cache_key(
     max_seq_length: int,
     max_source_length: int | None,
     max_target_length: int | None,
+    *,
+    chat_template_kwargs: dict | None = None,
 ) -> str:
     """Hex digest of everything the prepared data depends on (DataFileError for a missing path)."""
     h = hashlib.sha256()
@@ -339,6 +392,7 @@ def cache_key(
         "max_seq_length": max_seq_length,
         "max_source_length": max_source_length,
         "max_target_length": max_target_length,
+        "chat_template_kwargs": chat_template_kwargs or {},
         # the libraries that render and tokenize: a new release can change either
         "versions": {name: _version(name) for name in ("datasets", "transformers", "tokenizers", "jinja2")},
     }

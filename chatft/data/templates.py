@@ -1,25 +1,33 @@
 """Conversation -> (input_ids, labels), rendered by the model's own chat template or a native one.
 
 How labels are found, for every template alike:
-- The whole conversation is rendered once and tokenized once; characters are mapped to tokens with the
-  offsets (tokenizing pieces separately changes tokens at the seams).
-- A trained assistant turn i covers the characters its own rendering adds after render(messages[:i],
-  add_generation_prompt=True): what the model must generate, never the header the generation prompt holds.
-  A template that renders earlier turns differently once later ones exist cannot be trained exactly and is
-  refused (render_with_spans).
-- A token holding any trained character is trained.
-- The end-of-turn rule (encode_chat): every trained turn trains exactly one closing token, its own (<|im_end|>),
-  the next role's token (ChatGLM3, GLM-4), or an appended EOS at the end; a turn with none is refused.
+- One rule for every trained assistant turn i: it is trained in exactly the context the template gives it when
+  the model generates it. Its own example is render(messages[:i+1]), the turn trained from the end of
+  render(messages[:i], add_generation_prompt=True) through its closing token (its reasoning included), nothing
+  else trained (plan_examples). Most templates render a turn the same once later turns follow: those turns share
+  one example, the whole conversation (as a stable template always did). Templates that rewrite the history
+  (Qwen3 drops the reasoning of earlier answers and gives only the final answer its think block; Mistral moves
+  the system text to the last user turn) give such turns an example of their own: a conversation can become
+  several examples, no turn trained twice, none dropped.
+- Each example is rendered once and tokenized once; characters are mapped to tokens with the offsets
+  (tokenizing pieces separately changes tokens at the seams). A token holding any trained character is trained.
+- The end-of-turn rule (encode_examples): every trained turn trains exactly one closing token, its own
+  (<|im_end|>), the next role's token (ChatGLM3, GLM-4), or an appended EOS at the end; a turn with none is
+  refused.
+- Reasoning (Message.reasoning) reaches the template as the message's `reasoning_content`. A template with no
+  place for it (it renders the turn the same with and without it) is refused for that record, with the reason:
+  training would silently drop the reasoning.
+- chat_template_kwargs (Template.kwargs, e.g. {"enable_thinking": false}) go to every rendering.
 """
 
 from __future__ import annotations
 
 import ast
 import bisect
-import contextlib
+import inspect
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
@@ -84,10 +92,19 @@ class Template:
     name: str
     chat_template: str | None  # None: the tokenizer's own
     to_dicts: Callable[[Conversation, bool], Rendered]  # (conversation, template has native tools) -> dicts
+    # chat_template_kwargs: extra variables for every rendering (training, check_data, inference alike)
+    kwargs: dict[str, Any] = field(default_factory=dict, hash=False)
+
+
+def _with_reasoning(message: dict, m: Message) -> dict:
+    """The dict with the message's reasoning as `reasoning_content` (what Qwen3- and DeepSeek-style templates
+    read), when it has one."""
+    return message if m.reasoning is None else {**message, "reasoning_content": m.reasoning}
 
 
 def _generic_dicts(conv: Conversation, tools_native: bool) -> Rendered:
-    """OpenAI-style message dicts. Without native tool support, tools and tool turns become documented text."""
+    """OpenAI-style message dicts. Without native tool support, tools and tool turns become documented text. An
+    assistant turn with both text and tool calls keeps both."""
     native = tools_native and _is_tool_schema_list(conv.tools)
     out = Rendered([], [], conv.tools if native else None)
     for m in conv.messages:
@@ -97,17 +114,18 @@ def _generic_dicts(conv: Conversation, tools_native: bool) -> Rendered:
                     {"type": "function", "function": {"name": c.name, "arguments": c.arguments}}
                     for c in m.tool_calls
                 ]
-                out.add({"role": "assistant", "content": m.content, "tool_calls": calls}, m.trained)
+                message = {"role": "assistant", "content": m.content, "tool_calls": calls}
             else:
                 text = (m.content + "\n" if m.content else "") + tool_call_text(m.tool_calls)
-                out.add({"role": "assistant", "content": text}, m.trained)
+                message = {"role": "assistant", "content": text}
+            out.add(_with_reasoning(message, m), m.trained)
         elif m.role == "tool":
             if native:
                 out.add({"role": "tool", "content": m.content, "name": m.name})
             else:
                 out.add({"role": "user", "content": tool_response_text(m.content)})
         else:
-            out.add({"role": m.role, "content": m.content}, m.trained)
+            out.add(_with_reasoning({"role": m.role, "content": m.content}, m), m.trained)
     if conv.tools is not None and not native:
         text = tools_system_text(conv.tools)
         if out.messages and out.messages[0]["role"] == "system":
@@ -119,11 +137,16 @@ def _generic_dicts(conv: Conversation, tools_native: bool) -> Rendered:
 
 
 def _chatglm3_dicts(conv: Conversation, tools_native: bool) -> Rendered:
+    """ChatGLM3's messages: a tool call is an assistant message of its own (metadata: the tool's name); text
+    written beside tool calls comes first, as an assistant message of its own (ChatGLM3 has no other place for
+    it). ChatGLM3 has no place for reasoning: a record with some is refused (plan_examples)."""
     out = Rendered([], [])
     if conv.tools is not None:
         out.add({"role": "system", "content": tools_system_text(conv.tools)})
     for m in conv.messages:
         if m.role == "assistant" and m.tool_calls:
+            if m.content:
+                out.add({"role": "assistant", "content": m.content}, m.trained)
             for c in m.tool_calls:
                 out.add(
                     {"role": "assistant", "metadata": c.name, "content": chatglm3_tool_call(c)}, m.trained
@@ -131,7 +154,7 @@ def _chatglm3_dicts(conv: Conversation, tools_native: bool) -> Rendered:
         elif m.role == "tool":
             out.add({"role": "observation", "content": m.content})
         else:
-            out.add({"role": m.role, "content": m.content}, m.trained)
+            out.add(_with_reasoning({"role": m.role, "content": m.content}, m), m.trained)
     return out
 
 
@@ -153,18 +176,54 @@ NATIVE_TEMPLATES = {
 }
 
 
-def get_template(name: str | None, tokenizer: PreTrainedTokenizerBase) -> Template:
+def get_template(
+    name: str | None, tokenizer: PreTrainedTokenizerBase, chat_template_kwargs: str | dict | None = None
+) -> Template:
+    """The native template `name`, or the tokenizer's own (name None), rendering with chat_template_kwargs (a
+    dict, or its JSON text as --chat_template_kwargs takes it; parse_chat_template_kwargs says what is allowed).
+    Inference and serving get the template training used by calling this with the run's saved arguments."""
+    kwargs = parse_chat_template_kwargs(chat_template_kwargs)
     if name:
         if name not in NATIVE_TEMPLATES:
             raise TemplateError(
                 f"unknown --template {name!r}; native templates: {', '.join(NATIVE_TEMPLATES)}"
             )
-        return NATIVE_TEMPLATES[name]
+        return replace(NATIVE_TEMPLATES[name], kwargs=kwargs)
     if not getattr(tokenizer, "chat_template", None):
         raise TemplateError(
             f"the tokenizer has no chat template; choose a native one with --template ({', '.join(NATIVE_TEMPLATES)})"
         )
-    return Template("tokenizer", None, _generic_dicts)
+    return Template("tokenizer", None, _generic_dicts, kwargs)
+
+
+# apply_chat_template's own parameters: a template variable of the same name would be taken as one of them
+_RESERVED_KWARGS = frozenset(
+    name
+    for name in inspect.signature(PreTrainedTokenizerBase.apply_chat_template).parameters
+    if name not in ("self", "kwargs")
+) | {"messages"}
+
+
+def parse_chat_template_kwargs(value: str | dict | None) -> dict[str, Any]:
+    """--chat_template_kwargs as a dict: a JSON object (text) or a dict; None or "" is {}. ValueError, saying why,
+    for anything else or for a name apply_chat_template keeps for itself (add_generation_prompt, tools, ...)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as e:
+            raise ValueError(
+                f'--chat_template_kwargs must be a JSON object like {{"enable_thinking": false}}: {e}'
+            ) from None
+    if not isinstance(value, dict):
+        raise ValueError(f"--chat_template_kwargs must be a JSON object, got {type(value).__name__}")
+    reserved = sorted(k for k in value if k in _RESERVED_KWARGS)
+    if reserved:
+        raise ValueError(
+            f"--chat_template_kwargs cannot set {', '.join(reserved)}: chatft sets it for each rendering"
+        )
+    return dict(value)
 
 
 def template_supports_tools(template: Template, tokenizer: PreTrainedTokenizerBase) -> bool:
@@ -188,6 +247,17 @@ class Encoded:
     turn_ends: list[int]  # token index just past each trained assistant turn (where a truncation may cut)
     cut: bool = False  # input-output: the prompt or response was cut to max_source/target_length
     closers: list[int] = field(default_factory=list)  # the closing token trained at the end of each turn
+    turns: list[int] = field(default_factory=list)  # which trained turns of the conversation (1 = its first)
+
+
+@dataclass
+class Piece:
+    """One training example's text: spans[k] = [start, end) characters of trained turn turns[k] (1-based among
+    the conversation's trained turns), from the end of its generation prompt to the end of its own text."""
+
+    text: str
+    spans: list[tuple[int, int]]
+    turns: list[int]
 
 
 def _render(tokenizer, template: Template, msgs: list[dict], tools: Any, generation_prompt: bool) -> str:
@@ -200,6 +270,7 @@ def _render(tokenizer, template: Template, msgs: list[dict], tools: Any, generat
             chat_template=template.chat_template,
             add_generation_prompt=generation_prompt,
             tokenize=False,
+            **template.kwargs,
         )
     except (
         Exception
@@ -211,9 +282,15 @@ def render_generation_prompt(
     conv: Conversation, tokenizer: PreTrainedTokenizerBase, template: Template
 ) -> str:
     """What inference encodes: the conversation so far and the header of the assistant turn to generate, rendered
-    exactly as training rendered it (same message dicts, same template)."""
+    exactly as training rendered it (same message dicts, same template, same chat_template_kwargs)."""
     r = template.to_dicts(conv, template_supports_tools(template, tokenizer))
     return _render(tokenizer, template, r.messages, r.tools, True)
+
+
+def render_conversation(conv: Conversation, tokenizer: PreTrainedTokenizerBase, template: Template) -> str:
+    """The whole conversation as the template renders it (no generation prompt)."""
+    r = template.to_dicts(conv, template_supports_tools(template, tokenizer))
+    return _render(tokenizer, template, r.messages, r.tools, False)
 
 
 def _special_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
@@ -223,75 +300,185 @@ def _special_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
     return ids
 
 
+@dataclass
+class _Own:
+    """A trained turn's own example: text = its generation prompt (head, len(head) = start) + what it generates;
+    end: where its own text ends (before a trailer)."""
+
+    text: str
+    start: int
+    end: int
+
+
+def plan_examples(conv: Conversation, tokenizer: PreTrainedTokenizerBase, template: Template) -> list[Piece]:
+    """The texts a conversation is trained as, and the characters each trains (see the module docstring).
+
+    Every trained turn i has its own example: render(messages[:i+1]), trained from len(head) where head =
+    render(messages[:i], generation prompt) (Mistral v0.3, which writes the system text only into a user turn that
+    ends the conversation, renders no conversation holding both: there the example is head + the text the turn
+    adds, _completion_start). Its own text ends before a trailer, text a template writes only at the very end of
+    a conversation that asks for no answer (Phi-3 appends its EOS there, _trailer). Then the turns are grouped:
+    the whole conversation's rendering trains every turn whose own example, through its own text, it starts
+    with (the turn and all it follows rendered the same); each turn left gets an example from the latest one
+    left, shared likewise. Examples come in the order of their first turn."""
+    r = template.to_dicts(conv, template_supports_tools(template, tokenizer))
+    msgs, tools = r.messages, r.tools
+    full = _render(tokenizer, template, msgs, tools, False)
+    trained = [i for i, t in enumerate(r.trained) if t]
+    if trained and trained[0] == 0:
+        raise TemplateError("an assistant turn cannot be the first message")
+    uptos = {i: _render(tokenizer, template, msgs[: i + 1], tools, False) for i in trained}
+    _check_reasoning_has_a_place(tokenizer, template, msgs, tools, uptos)
+    if not trained:
+        return [Piece(full, [], [])]
+    own: dict[int, _Own] = {}
+    trailer: str | None = None
+    for i in trained:
+        head = _render(tokenizer, template, msgs[:i], tools, True)
+        upto = uptos[i]
+        if trailer is None:
+            trailer = _trailer(tokenizer, template, msgs[:i], tools, head)
+        if upto.startswith(head):
+            text = upto
+        else:
+            prompt = _render(tokenizer, template, msgs[:i], tools, False)
+            text = head + upto[_completion_start(head, upto, prompt, msgs[i - 1], msgs[i], i, template) :]
+        end = len(text) - len(trailer) if trailer and text.endswith(trailer) else len(text)
+        if end <= len(head):
+            raise TemplateError(
+                f"the chat template renders nothing for turn {i + 1} after its generation prompt"
+            )
+        own[i] = _Own(text, len(head), end)
+    left = list(trained)
+    pieces = []
+    for text in [full, *(own[j].text for j in reversed(trained))]:
+        members = [i for i in left if text.startswith(own[i].text[: own[i].end])]
+        if members:
+            spans = [(own[i].start, own[i].end) for i in members]
+            pieces.append(Piece(text, spans, [trained.index(i) + 1 for i in members]))
+            left = [i for i in left if i not in members]
+        if not left:
+            break
+    return sorted(pieces, key=lambda p: p.turns[0])
+
+
+def _check_reasoning_has_a_place(
+    tokenizer, template: Template, msgs: list[dict], tools: Any, uptos: dict[int, str]
+) -> None:
+    """Refuse reasoning the template does not render: a turn with reasoning that renders the same without it, as
+    the last message (where every reasoning template shows it), would train without its reasoning."""
+    for k, m in enumerate(msgs):
+        reasoning = m.get("reasoning_content")
+        if not (isinstance(reasoning, str) and reasoning.strip()):
+            continue
+        upto = uptos.get(k)
+        if upto is None:
+            upto = _render(tokenizer, template, msgs[: k + 1], tools, False)
+        bare = {key: value for key, value in m.items() if key != "reasoning_content"}
+        if _render(tokenizer, template, [*msgs[:k], bare], tools, False) == upto:
+            which = (
+                "the tokenizer's chat template"
+                if template.chat_template is None
+                else f"--template {template.name}"
+            )
+            raise TemplateError(
+                f"turn {k + 1} has reasoning, but {which} has no place for it (it renders the turn the same with "
+                "and without its reasoning_content), so training would drop it; use a model whose chat template "
+                "renders reasoning_content (a reasoning model's: Qwen3, DeepSeek-R1 style), or leave the "
+                "reasoning out of the data"
+            )
+
+
+def _trailer(tokenizer, template: Template, prompt: list[dict], tools: Any, head: str) -> str:
+    """Text the template writes only at the end of a conversation that asks for no answer (Phi-3's EOS): what
+    render(prompt) has where render(prompt, generation prompt) parts from it, from the end of a token there (a
+    trailer and a generation prompt starting with the same characters are told apart). Special tokens and white
+    space only; else ""."""
+    try:
+        plain = _render(tokenizer, template, prompt, tools, False)
+    except TemplateError:  # a template that insists on a generation prompt after a user turn
+        return ""
+    common = _common_prefix(plain, head)
+    if common == len(plain):
+        return ""
+    ends = [0, *_token_ends(tokenizer, plain)]
+    tail = plain[ends[bisect.bisect_right(ends, common) - 1] :]
+    return tail if tail.strip() and _is_trailer(tokenizer, tail, _special_ids(tokenizer)) else ""
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _completion_start(
+    head: str, upto: str, prompt: str, last: dict, turn: dict, i: int, template: Template
+) -> int:
+    """Where turn i's own text starts in upto = render(messages[:i+1]) when upto does not start with its
+    generation prompt head (Mistral v0.3 writes the system text only into a user turn that ends the
+    conversation): just after the stretch of upto whose end is most like head's end (the longest common suffix;
+    the latest such place). That stretch must reach past the generation prompt (head beyond prompt =
+    render(messages[:i])) into the last prompt message, holding its text, and what follows it must hold the
+    turn's own text; else the turn's context cannot be told and it is refused."""
+    n = len(head)
+    z = _z_function(head[::-1] + "\0" + upto[::-1])
+    best, start = 0, -1
+    for s in range(
+        len(upto), 0, -1
+    ):  # upto[:s] ends where head ends: its common suffix is z at len(upto) - s
+        match = min(z[n + 1 + len(upto) - s], n)
+        if match > best:
+            best, start = match, s
+    generation = n - _common_prefix(prompt, head)  # the generation prompt's length
+    anchor = last.get("content")
+    anchor = anchor.strip() if isinstance(anchor, str) else ""
+    answer = turn.get("content")
+    answer = answer.strip() if isinstance(answer, str) else ""
+    if start < 0 or not anchor or anchor not in head[n - best : n - generation] or answer not in upto[start:]:
+        kwargs = f" (chat_template_kwargs {json.dumps(template.kwargs)})" if template.kwargs else ""
+        raise TemplateError(
+            f"the chat template's generation prompt for turn {i + 1}{kwargs} is not how that turn starts when it "
+            f"is rendered (the prompt ends {head[-40:]!r}, the rendering reads {upto[-40 - len(answer) :]!r}), so "
+            "the context it is generated in cannot be told; reasoning given with a generation prompt that closes "
+            "the think block (enable_thinking false) does this: leave one of them out"
+        )
+    return start
+
+
+def _z_function(s: str) -> list[int]:
+    """z[k]: the length of the longest common prefix of s and s[k:] (z[0] = len(s))."""
+    n = len(s)
+    z = [0] * n
+    if n:
+        z[0] = n
+    left = right = 0
+    for k in range(1, n):
+        if k < right:
+            z[k] = min(right - k, z[k - left])
+        while k + z[k] < n and s[z[k]] == s[k + z[k]]:
+            z[k] += 1
+        if k + z[k] > right:
+            left, right = k, k + z[k]
+    return z
+
+
 def render_with_spans(
     conv: Conversation, tokenizer: PreTrainedTokenizerBase, template: Template
 ) -> tuple[str, list[tuple[int, int]]]:
-    """The full rendering and, per trained assistant turn, the characters that turn adds after its generation
-    prompt: [len(render(turns before it, generation prompt)), end of its own text).
-
-    A turn's own text ends where the conversation would go on: render(turns through it) minus a trailer, text a
-    template writes only at the very end of a conversation (Phi-3 appends its EOS there), found by continuing the
-    conversation with one more user turn. A trailer may hold only special tokens and white space, and the turn's
-    own text must stand unchanged in the whole rendering; otherwise the template renders the turn differently once
-    later turns follow, and it cannot be labelled exactly.
-    """
-    r = template.to_dicts(conv, template_supports_tools(template, tokenizer))
-    full = _render(tokenizer, template, r.messages, r.tools, False)
-    trained = [i for i, t in enumerate(r.trained) if t]
-    if not trained:
-        return full, []
-    if trained[0] == 0:
-        raise TemplateError("an assistant turn cannot be the first message")
-    continued = full
-    if r.messages[-1].get("role") == "assistant":
-        # a template that cannot go on after the last turn: no trailer is looked for
-        with contextlib.suppress(TemplateError):
-            more = [*r.messages, {"role": "user", "content": "?"}]
-            continued = _render(tokenizer, template, more, r.tools, False)
-    boundaries = _token_ends(tokenizer, continued)
-    specials = _special_ids(tokenizer)
-    spans = []
-    for i in trained:
-        head = _render(tokenizer, template, r.messages[:i], r.tools, True)
-        upto = _render(tokenizer, template, r.messages[: i + 1], r.tools, False)
-        end = _own_end(upto, continued, boundaries)
-        fits = (
-            end >= len(head) and full.startswith(upto[:end]) and _is_trailer(tokenizer, upto[end:], specials)
-        )
-        if not fits and upto == full:
-            # the last message, which the template renders differently once a turn follows (Qwen3 gives the
-            # final answer an empty think block): nothing follows it here, so all of its rendering is its own
-            end, fits = len(full), True
-        if not (upto.startswith(head) and fits):
-            raise TemplateError(
-                f"the chat template renders turn {i + 1} differently once later turns follow (reasoning templates "
-                "drop earlier thoughts; some move the system text to the last user turn), or its generation prompt "
-                "is not how that turn starts, so it cannot be trained exactly in this conversation; train only the "
-                'last answer (set "loss": false on the earlier assistant turns), split the conversation into one '
-                "record per answer, or use a template that renders each turn the same wherever it stands (--template "
-                f"{', '.join(NATIVE_TEMPLATES)}, or your own chat_template)"
-            )
-        spans.append((len(head), end))
+    """The whole rendering and the character spans of the trained turns it trains (those a template that
+    rewrites the history trains in examples of their own are in plan_examples, not here)."""
+    full = render_conversation(conv, tokenizer, template)
+    spans = next((p.spans for p in plan_examples(conv, tokenizer, template) if p.text == full), [])
     return full, spans
 
 
 def _token_ends(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     return sorted({e for _, e in offsets})
-
-
-def _own_end(upto: str, continued: str, boundaries: list[int]) -> int:
-    """Where upto stops agreeing with the continued conversation, moved back to the end of a token there (so
-    that a trailer and the next turn's header starting with the same characters are told apart)."""
-    common = 0
-    for a, b in zip(upto, continued, strict=False):
-        if a != b:
-            break
-        common += 1
-    if common == len(upto) and common == len(continued):
-        return common
-    at = bisect.bisect_right(boundaries, common) - 1
-    return boundaries[at] if at >= 0 else 0
 
 
 def _is_trailer(tokenizer: PreTrainedTokenizerBase, text: str, specials: set[int]) -> bool:
@@ -311,17 +498,36 @@ def _token_range(starts: list[int], ends: list[int], span: tuple[int, int]) -> t
     return first, max(first, stop)
 
 
-def encode_chat(conv: Conversation, tokenizer: PreTrainedTokenizerBase, template: Template) -> Encoded:
+def encode_examples(
+    conv: Conversation,
+    tokenizer: PreTrainedTokenizerBase,
+    template: Template | None,
+    max_source_length: int | None = None,
+    max_target_length: int | None = None,
+) -> list[Encoded]:
+    """Every training example of a conversation: one for input-output (raw) data; for chat data one per
+    plan_examples text (one for a template that renders each turn the same wherever it stands). template None:
+    only raw data can be encoded (a tokenizer with no chat template)."""
+    if conv.raw:
+        return [encode_raw(conv, tokenizer, max_source_length, max_target_length)]
+    if template is None:
+        raise TemplateError(
+            f"the tokenizer has no chat template; choose a native one with --template ({', '.join(NATIVE_TEMPLATES)})"
+        )
+    return [_encode_piece(p, tokenizer) for p in plan_examples(conv, tokenizer, template)]
+
+
+def _encode_piece(piece: Piece, tokenizer: PreTrainedTokenizerBase) -> Encoded:
     """Labels by the end-of-turn rule: every trained assistant turn trains its text after the generation prompt
     and exactly one closing token, which is
     - the last special token of the turn's own text (ChatML's <|im_end|>, Llama-3's <|eot_id|>, Gemma's
       <end_of_turn>, Mistral's </s>, Phi-3's <|end|>); what follows it (a newline) is not trained;
     - else the special token that follows the turn, after white space only (GLM and ChatGLM3: the next role's
       token, <|user|> or <|observation|>), the white space trained with it;
-    - else, at the very end of the conversation, an appended EOS.
+    - else, at the very end of the text, an appended EOS.
     Anything else (the turn's text followed by ordinary text, or holding the closer before its end) is refused
     with the reason: the model would not learn where its turn ends."""
-    text, spans = render_with_spans(conv, tokenizer, template)
+    text = piece.text
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = list(enc["input_ids"])
     starts = [s for s, _ in enc["offset_mapping"]]
@@ -331,7 +537,7 @@ def encode_chat(conv: Conversation, tokenizer: PreTrainedTokenizerBase, template
     specials = _special_ids(tokenizer)
     eos = tokenizer.eos_token_id
     turn_ends, closers = [], []
-    for n, span in enumerate(spans, start=1):
+    for n, span in zip(piece.turns, piece.spans, strict=True):
         first, stop = _token_range(starts, ends, span)
         while first < stop and ids[first] in specials and starts[first] < span[0]:
             first += 1  # a header token that swallows the white space after it (rstrip, as Phi-3's) stays untrained
@@ -366,7 +572,23 @@ def encode_chat(conv: Conversation, tokenizer: PreTrainedTokenizerBase, template
         labels[first:stop] = ids[first:stop]
         turn_ends.append(stop)
         closers.append(closer)
-    return Encoded(ids, labels, turn_ends, closers=closers)
+    return Encoded(ids, labels, turn_ends, closers=closers, turns=list(piece.turns))
+
+
+def encode_chat(conv: Conversation, tokenizer: PreTrainedTokenizerBase, template: Template) -> Encoded:
+    """The one example of a conversation that trains as one (every conversation whose trained turns the
+    template renders the same wherever they stand; any with a single trained turn); TemplateError for one that
+    needs several (encode_examples)."""
+    return _the_one(encode_examples(conv, tokenizer, template))
+
+
+def _the_one(examples: list[Encoded]) -> Encoded:
+    if len(examples) > 1:
+        raise TemplateError(
+            f"the chat template renders earlier turns differently once later turns follow: this conversation "
+            f"trains as {len(examples)} examples (encode_examples), not one"
+        )
+    return examples[0]
 
 
 def encode_raw(
@@ -416,14 +638,8 @@ def encode(
     max_source_length: int | None = None,
     max_target_length: int | None = None,
 ) -> Encoded:
-    """template None: only input-output (raw) data can be encoded (a tokenizer with no chat template)."""
-    if conv.raw:
-        return encode_raw(conv, tokenizer, max_source_length, max_target_length)
-    if template is None:
-        raise TemplateError(
-            f"the tokenizer has no chat template; choose a native one with --template ({', '.join(NATIVE_TEMPLATES)})"
-        )
-    return encode_chat(conv, tokenizer, template)
+    """The one example of a conversation that trains as one (encode_chat, encode_raw)."""
+    return _the_one(encode_examples(conv, tokenizer, template, max_source_length, max_target_length))
 
 
 _PROBES = (
@@ -456,7 +672,7 @@ def closing_token_ids(tokenizer: PreTrainedTokenizerBase, template: Template | N
     found: list[int] = []
     for conv in _PROBES:
         try:
-            found += encode_chat(conv, tokenizer, template).closers
+            found += [c for e in encode_examples(conv, tokenizer, template) for c in e.closers]
         except TemplateError:  # e.g. a template that refuses tool turns: the other probes still tell
             continue
     return list(dict.fromkeys(found))
@@ -472,4 +688,5 @@ def truncate(enc: Encoded, max_length: int) -> tuple[Encoded, bool]:
     cut = enc.turn_ends[kept[-1]] if kept else max_length
     turn_ends = [enc.turn_ends[k] for k in kept]
     closers = [enc.closers[k] for k in kept]
-    return Encoded(enc.input_ids[:cut], enc.labels[:cut], turn_ends, True, closers), True
+    turns = [enc.turns[k] for k in kept if k < len(enc.turns)]
+    return Encoded(enc.input_ids[:cut], enc.labels[:cut], turn_ends, True, closers, turns), True

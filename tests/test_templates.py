@@ -198,7 +198,9 @@ def test_template_that_rewrites_earlier_turns_trains_each_turn_in_its_own_contex
     assert first.labels == [X] * 9 + ids("hello", "<|im_end|>") + [X]
     assert (first.turns, second.turns) == ([1], [2])
     # the history shows the first answer as the template renders it later: empty, untrained
-    assert second.input_ids[6:12] == ids("<|im_start|>", "assistant", "\n", "<|im_end|>", "\n", "<|im_start|>")
+    assert second.input_ids[6:12] == ids(
+        "<|im_start|>", "assistant", "\n", "<|im_end|>", "\n", "<|im_start|>"
+    )
     assert [t for t, label in zip(second.input_ids, second.labels, strict=True) if label != X] == ids(
         "ok", "<|im_end|>"
     )

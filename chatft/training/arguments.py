@@ -29,6 +29,7 @@ from transformers import HfArgumentParser, Seq2SeqTrainingArguments
 from chatft.args import DataArguments, ModelArguments
 from chatft.loss import DEFAULT_CHUNK_SIZE
 from chatft.machine import PRECISIONS
+from chatft.training.time_budget import parse_duration
 
 
 @dataclass
@@ -125,6 +126,14 @@ class TrainArguments(Seq2SeqTrainingArguments):
             "help": "GiB a training process may use; sizes the micro-batches (and checkpointing) to it."
         },
     )
+    time_budget: str | None = field(
+        default=None,
+        metadata={
+            "help": "Train for this long (90s, 20m, 1.5h, 1h30m) instead of a step count: the first steps are "
+            "timed, the step count set so that training, evaluations and saves end within it, and the "
+            "learning-rate schedule laid over that count; a resumed run keeps the count. --max_steps caps it."
+        },
+    )
     threads: int | None = field(
         default=None,
         metadata={
@@ -149,6 +158,8 @@ class TrainArguments(Seq2SeqTrainingArguments):
         )
         if self.micro_batch_size is not None and self.micro_batch_size < 1:
             raise ValueError(f"--micro_batch_size must be at least 1, not {self.micro_batch_size}")
+        if self.time_budget is not None:
+            parse_duration(self.time_budget)  # a usage error now, not after the model has loaded
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"--threads must be at least 1, not {self.threads}")
         if self.max_memory is not None and self.max_memory <= 0:

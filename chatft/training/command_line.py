@@ -19,7 +19,7 @@ from chatft.training.checkpoints import resumed_precision
 # --help shows chatft's own arguments and these Trainer arguments, grouped; --help_all shows every one
 HELP_GROUPS = {
     "steps and batches": ["output_dir", "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps",
-                          "num_train_epochs"],
+                          "num_train_epochs", "time_budget"],
     "optimization": ["learning_rate", "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm", "optim"],
     "logging, saving, evaluation": ["logging_steps", "save_steps", "save_total_limit", "eval_strategy", "eval_steps",
                                     "per_device_eval_batch_size", "predict_with_generate", "generation_max_length",

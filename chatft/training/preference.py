@@ -49,6 +49,7 @@ from chatft.training.preference_trainer import (
 from chatft.training.process import add_process_callbacks, start_process
 from chatft.training.samples import base_model
 from chatft.training.step_plan import plan_micro_batches, schedule_evaluation
+from chatft.training.time_budget import add_time_budget
 
 
 def parse_preference_args(argv: list[str], stage: str):
@@ -193,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         lengths=None if stage == "kto" else lengths,
     )
     add_process_callbacks(trainer, training_args, log)
+    add_time_budget(trainer, training_args, resume, log)
     trainer.train(resume_from_checkpoint=resume)
     model.config.use_cache = True
     save_run(trainer, training_args, run_args, log)

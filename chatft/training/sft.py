@@ -21,6 +21,7 @@ from chatft.training.data import data_refused, load_split, training_datasets
 from chatft.training.process import add_process_callbacks, start_process
 from chatft.training.samples import add_sample_answers, base_model, generation_eval_for, read_sample_prompts
 from chatft.training.step_plan import packed_step, plan_micro_batches, resolve_packing, schedule_evaluation
+from chatft.training.time_budget import add_time_budget
 from chatft.training.trainer import ChatTrainer, packed_attention
 
 
@@ -101,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         generation_eval=generation_eval_for(model_args, data_args, training_args, tokenizer, own),
     )
     add_process_callbacks(trainer, training_args, log)
+    add_time_budget(trainer, training_args, resume, log)
     if samples:
         add_sample_answers(trainer, samples, model_args, training_args, tokenizer, own, log)
     try:

@@ -1,0 +1,186 @@
+"""--time_budget: durations, the step count that fits, the schedule laid over it, a fake clock, and real runs: a
+budget capped by --max_steps trains exactly as --max_steps alone, a killed budgeted run resumes exactly, and a
+real budget ends its schedule at its last step."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from killed_run import run_killed
+from toy import many_chats, openai_jsonl, save_tiny_model
+from transformers import TrainingArguments, get_scheduler
+
+from chatft.training.stages import main
+from chatft.training.time_budget import PROVISIONAL, TimeBudget, lay_schedule, parse_duration, steps_within
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("90s", 90), ("20m", 1200), ("1.5h", 5400), ("1h30m", 5400), ("45", 45), (" 2 m ", 120)],
+)
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "20x", "m", "0s", "1h 30 minutes", "-5m"])
+def test_bad_durations_are_refused(text):
+    with pytest.raises(ValueError, match="--time_budget"):
+        parse_duration(text)
+
+
+def test_the_steps_that_fit():
+    assert steps_within(100, 0, 2.0, None, 0.0, None, 0.0) == 50
+    # a save every 10 steps and one at the end, 1 s each: 47 steps = 94 s + 4 saves + 1 final = 99 s
+    assert steps_within(100, 0, 2.0, None, 0.0, 10, 1.0) == 47
+    # evaluations every 5 steps of 3 s: 39 steps = 78 s + 7 x 3 s = 99 s; 40 steps = 80 s + 8 x 3 s = 104 s
+    assert steps_within(100, 0, 2.0, 5, 3.0, None, 0.0) == 39
+    # 10 steps done, 20 s left at 2 s a step: 10 more
+    assert steps_within(20, 10, 2.0, None, 0.0, None, 0.0) == 20
+    assert steps_within(1, 10, 2.0, None, 0.0, None, 0.0) == 10  # nothing more fits
+
+
+def optimizer_and_args(warmup):
+    weight = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([weight], lr=1.0)
+    return optimizer, TrainingArguments(output_dir="unused", warmup_steps=warmup, report_to="none")
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+@pytest.mark.parametrize("warmup", [0, 3, 0.1])
+def test_the_schedule_is_laid_over_the_chosen_count(kind, warmup):
+    optimizer, args = optimizer_and_args(warmup)
+    provisional = get_scheduler(kind, optimizer, args.get_warmup_steps(PROVISIONAL), PROVISIONAL)
+    optimizer.step()
+    provisional.step()  # step 1 done on the provisional schedule
+    lay_schedule(provisional, args, 30)
+    fresh_optimizer, _ = optimizer_and_args(warmup)
+    fresh = get_scheduler(kind, fresh_optimizer, args.get_warmup_steps(30), 30)
+    fresh_optimizer.step()
+    fresh.step()
+    for _ in range(29):
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(
+            fresh_optimizer.param_groups[0]["lr"], abs=1e-12
+        )
+        optimizer.step(), provisional.step(), fresh_optimizer.step(), fresh.step()
+    assert provisional.last_epoch == 30 and optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-9)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_count_is_measured_then_corrected_then_final():
+    clock, lines = Clock(), []
+    budget = TimeBudget(
+        100, None, examples_per_step=4, eval_examples=0, save_bytes=0, log=lines.append, clock=clock
+    )
+    args = SimpleNamespace(eval_strategy="no", save_strategy="no", get_warmup_steps=lambda n: 0)
+    state = SimpleNamespace(max_steps=PROVISIONAL, global_step=0, eval_steps=0, save_steps=0)
+    control = SimpleNamespace(should_training_stop=False, should_save=False)
+    budget.on_train_begin(args, state, control)
+    counts = []
+    for step_time in [10.0, 2.0, 2.0, 2.0, 2.0, 2.0]:  # a slow first step (one-time costs), then 2 s
+        budget.on_step_begin(args, state, control)
+        clock.now += step_time
+        state.global_step += 1
+        budget.on_step_end(args, state, control)
+        counts.append(state.max_steps)
+    # after step 1: 97% of 90 s left at 10 s a step = 1 + 8; after step 4: 97% of 84 s at 2 s = 4 + 40; final
+    assert counts == [9, 9, 9, 44, 44, 44]
+    assert lines[0].startswith("--time_budget: 9 steps (10.00 s a step over 1 measured")
+    assert lines[1].startswith("--time_budget: 44 steps (2.00 s a step over 4 measured")
+    assert len(lines) == 2 and not control.should_training_stop
+    clock.now += 200  # the machine got very slow: the next step would end past the budget
+    budget.on_step_begin(args, state, control)
+    state.global_step += 1
+    budget.on_step_end(args, state, control)
+    assert control.should_training_stop and control.should_save and "stopping at step 7 of 44" in lines[-1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("budget")
+    save_tiny_model(root / "m")
+    (root / "many.jsonl").write_text(openai_jsonl(many_chats(24)))
+    return str(root / "m"), str(root / "many.jsonl")
+
+
+def argv_for(setup, out, *extra) -> list[str]:
+    model, data = setup
+    return ["--model_name_or_path", model, "--train_file", data, "--output_dir", str(out), "--logging_steps", "1",
+            "--report_to", "none", "--precision", "fp32", "--method", "full", "--per_device_train_batch_size", "10",
+            "--max_seq_length", "96", "--learning_rate", "1e-2", "--warmup_steps", "0.25", *extra]  # fmt: skip
+
+
+def history(out: Path) -> list[dict]:
+    return [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+
+
+def test_a_budget_capped_by_max_steps_trains_as_max_steps_alone_and_resumes_exactly(setup, tmp_path):
+    plain, budgeted, killed = tmp_path / "plain", tmp_path / "budgeted", tmp_path / "killed"
+    common = ["--max_steps", "8", "--save_steps", "4"]
+    assert main(argv_for(setup, plain, *common)) == 0
+    assert main(argv_for(setup, budgeted, *common, "--time_budget", "1h")) == 0
+    run_killed(5, argv_for(setup, killed, *common, "--time_budget", "1h"))
+    assert (
+        main(argv_for(setup, killed, *common, "--time_budget", "1h", "--resume_from_checkpoint", "auto")) == 0
+    )
+    a, b, c = history(plain), history(budgeted), history(killed)
+    assert [h["step"] for h in a] == [h["step"] for h in b] == [h["step"] for h in c] == list(range(1, 9))
+    for other in (b, c):
+        assert [h["loss"] for h in other] == pytest.approx([h["loss"] for h in a], abs=1e-6)
+        assert [h["learning_rate"] for h in other] == pytest.approx(
+            [h["learning_rate"] for h in a], abs=1e-12
+        )
+
+
+def test_a_real_budget_ends_its_schedule_at_its_last_step(setup, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(argv_for(setup, out, "--time_budget", "12s", "--save_strategy", "no")) == 0
+    log = capsys.readouterr().out
+    assert "--time_budget:" in log and "steps (" in log
+    state = json.loads((out / "trainer_state.json").read_text())
+    steps, lrs = state["global_step"], [h["learning_rate"] for h in history(out)]
+    assert 4 <= steps <= state["max_steps"] < PROVISIONAL
+    if "stopping at step" not in log:  # unless the machine slowed down past the plan (then it says so)
+        assert steps == state["max_steps"]
+        assert lrs[-1] < 0.1 * max(lrs)  # decayed to (about) zero at the last step, not cut off at full rate
+
+
+def test_a_resumed_run_keeps_the_count_of_its_checkpoint(tmp_path):
+    from chatft.training.time_budget import add_time_budget
+
+    checkpoint = tmp_path / "checkpoint-20"
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"max_steps": 37, "global_step": 20}))
+    callbacks = []
+    trainer = SimpleNamespace(model=torch.nn.Linear(2, 2), eval_dataset=None, add_callback=callbacks.append)
+    args = SimpleNamespace(
+        time_budget="1m",
+        max_steps=-1,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=1,
+        world_size=1,
+    )
+    add_time_budget(trainer, args, str(checkpoint), log=lambda _: None)
+    assert args.max_steps == 37
+    fresh = SimpleNamespace(**{**vars(args), "max_steps": -1})
+    add_time_budget(trainer, fresh, None, log=lambda _: None)
+    assert fresh.max_steps == PROVISIONAL and len(callbacks) == 2
+    # the callback of the resumed run measures its first steps but does not choose again
+    budget, state = callbacks[0], SimpleNamespace(max_steps=37, global_step=20)
+    control = SimpleNamespace(should_training_stop=False, should_save=False)
+    budget.on_train_begin(None, state, control)
+    for _ in range(4):
+        budget.on_step_begin(None, state, control)
+        state.global_step += 1
+        budget.on_step_end(None, state, control)
+    assert state.max_steps == 37 and not control.should_training_stop

@@ -173,8 +173,10 @@ class ThreadGovernor:
         self.pending: int | None = None  # a higher count seen once, applied when seen again
         self.changes = 0
         self.before: int | None = None
+        self.started = False
 
     def start(self) -> None:
+        self.started = True
         self.before = _torch_get_num_threads()
         self.set_threads(self.threads)
         adapting = "" if self.budget.fixed else "; fewer while other work keeps cores busy"
@@ -188,6 +190,11 @@ class ThreadGovernor:
             self.set_threads(self.before)
 
     def tick(self) -> None:
+        """Between units of work; the first tick starts the governor in the calling thread when start() was not
+        called (OpenMP's thread count belongs to the thread that sets it: a server's generation thread)."""
+        if not self.started:
+            self.start()
+            return
         if self.budget.fixed:
             return
         others = self.meter.others_busy()

@@ -3,6 +3,8 @@ the machine; the thread count following a load that comes and goes; and training
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from chatft.threads import (
@@ -165,3 +167,18 @@ def test_training_logs_the_thread_choice_follows_the_load_and_restores_the_count
     assert "threads: 2 (fake 2 cores); fewer while other work keeps cores busy" in out
     assert "threads: 2 -> 1 (other work kept 1.0 of 2 core(s) busy)" in out
     assert torch.get_num_threads() == before
+
+
+def test_generation_looks_at_the_load_between_tokens(byte_models):
+    from chatft.inference.cli import make_parser
+    from chatft.inference.generation import GenerationOptions, generate_one
+    from chatft.inference.loading import load_session
+
+    session = load_session(
+        make_parser().parse_args(["--model", str(byte_models["base"]), "--threads", "1"]), print
+    )
+    assert session.governor is not None and session.governor.budget == CpuBudget(1, "--threads 1", fixed=True)
+    ticks = []
+    session.governor = SimpleNamespace(tick=lambda: ticks.append(1))
+    answer = generate_one(session, session.tokenizer("hi")["input_ids"], GenerationOptions(max_new_tokens=6))
+    assert answer.produced == 6 and len(ticks) == 6

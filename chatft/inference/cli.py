@@ -82,8 +82,8 @@ def make_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--threads",
         type=int,
-        help="CPU threads for torch (default: torch's own, one per core; --serve: 1); on a shared CPU 1 can be "
-        "several times faster (bench/serve.py)",
+        help="CPU threads for torch (default: the cores this process may use, fewer while other work keeps "
+        "cores busy: on a shared CPU spin-waiting threads can be several times slower, bench/serve.py)",
     )
     g = p.add_argument_group("generation")
     g.add_argument("--max_new_tokens", type=int, default=512, help="longest answer in tokens (default: 512)")

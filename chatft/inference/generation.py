@@ -151,6 +151,7 @@ class _Rows:
 
     def __init__(self, session: Session, follows: list[Follow], cap: int) -> None:
         self.follows, self.cap = follows, cap
+        self.governor = session.governor
         self.stops = set(session.stop_ids)
         self.deltas = [TextDeltas(session.tokenizer) if f.on_text else None for f in follows]
         self.ids: list[list[int]] = [[] for _ in follows]
@@ -161,6 +162,8 @@ class _Rows:
     def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
         import torch
 
+        if self.governor is not None:  # between two tokens: the thread count may follow the machine's load
+            self.governor.tick()
         for i, token in enumerate(input_ids[:, -1].tolist()):
             if self.done[i]:
                 continue

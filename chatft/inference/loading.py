@@ -22,6 +22,7 @@ from chatft.data.formats import DataFileError, detect_format, expand_paths
 from chatft.data.templates import Template, closing_token_ids, get_template
 from chatft.demo_model import DEFAULT_MODEL_DIR
 from chatft.inference.common import InferError, one_line, to_stderr
+from chatft.threads import ThreadGovernor, this_process_budget
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -174,6 +175,7 @@ class Session:
     stop_ids: list[int]
     device: str
     show_prompt: bool = False
+    governor: ThreadGovernor | None = None  # on the CPU: torch's threads fitted to the machine's load
 
 
 def load_session(args: argparse.Namespace, say: Callable[[str], Any] = to_stderr) -> Session:
@@ -192,7 +194,8 @@ def load_session(args: argparse.Namespace, say: Callable[[str], Any] = to_stderr
         )
     model = load_model(ckpt, dtype, device)
     stops = stop_token_ids(tokenizer, template, model.generation_config, ckpt.run_args)
-    session = Session(model, tokenizer, template, raw, stops, device, args.show_prompt)
+    governor = ThreadGovernor(this_process_budget(args.threads), say) if device == "cpu" else None
+    session = Session(model, tokenizer, template, raw, stops, device, args.show_prompt, governor)
     say(describe(ckpt, session, dtype))
     return session
 

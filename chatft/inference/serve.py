@@ -243,13 +243,14 @@ def check_host(host: str, api_key: str | None) -> None:
 
 
 def serve_main(args: argparse.Namespace) -> int:
-    """inference.py --serve: load the models, then serve until Ctrl-C. One torch thread unless --threads says
-    otherwise: on a 2-core CPU that other work shares, one thread generated about 6x the tokens/s of two
-    (bench/RESULTS.md)."""
-    if args.threads is None:
-        import torch
-
-        torch.set_num_threads(1)
+    """inference.py --serve: load the models, then serve until Ctrl-C. On the CPU one ThreadGovernor for all
+    the models, in the generation thread: as many torch threads as the machine leaves free (chatft.threads; on a
+    2-core CPU that other work shares, two spin-waiting threads generated 6x slower than one, bench/RESULTS.md),
+    or --threads."""
+    models = load_models(args)
+    shared = next((s.governor for s in models.values() if s.governor is not None), None)
+    for session in models.values():
+        session.governor = shared if session.governor is not None else None
     limits = Limits(
         args.max_new_tokens,
         args.max_time,
@@ -257,7 +258,7 @@ def serve_main(args: argparse.Namespace) -> int:
         args.max_batch,
         GenerationOptions(args.max_new_tokens, args.do_sample, args.temperature, args.top_p),
     )
-    serve(Server(load_models(args), limits, args.api_key), args.host, args.port)
+    serve(Server(models, limits, args.api_key), args.host, args.port)
     return 0
 
 

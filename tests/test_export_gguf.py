@@ -470,7 +470,7 @@ func main() {
 
 def test_modelfile_templates_render_the_same_with_go_text_template(folders, tmp_path):
     """Ollama renders TEMPLATE with Go's text/template: the real one gives the chat template's text too. Under CI
-    (CI=true) a missing Go fails the test (scripts/install.sh installs it); elsewhere it is skipped."""
+    (CI=true) a missing Go fails the test (scripts/install_test_tools.sh installs it); elsewhere it is skipped."""
     if shutil.which("go") is None:
         reason = "no Go toolchain (apt-get install golang-go) to run text/template"
         if os.environ.get("CI") == "true":

@@ -31,7 +31,7 @@ WATCH_TEXT = """() => {
 
 def _missing(reason: str) -> None:
     if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason}: CI must run the browser test (scripts/install.sh installs it)")
+        pytest.fail(f"{reason}: CI must run the browser test (scripts/install_test_tools.sh installs it)")
     pytest.skip(reason)
 
 

@@ -1,4 +1,4 @@
-"""The README's walkthroughs, run as written but reduced (few steps, few records) on the real model and data."""
+"""The walkthroughs of docs/walkthroughs.md, run as written but reduced (few steps, few records) on the real model and data."""
 
 import json
 import os
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.real_model  # ../shared/data and the demo model are pre
 
 
 def sh(cmd: str, **env: str) -> str:
-    """Run a README line in bash from the repo root; fail with its output if it fails."""
+    """Run a documented line in bash from the repo root; fail with its output if it fails."""
     r = subprocess.run(
         ["bash", "-c", cmd], cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, **env}
     )

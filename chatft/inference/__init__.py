@@ -5,5 +5,8 @@
 - chat.py: the streamed terminal chat;
 - evaluation.py: batch prediction, ROUGE/BLEU scores, the before/after comparison;
 - merge.py: scripts/merge_adapter.py;
+- the OpenAI-compatible server: openai_schema.py (requests, errors, answer shapes), streaming.py (text held back
+  while it may still become a stop string or a tool call), toolcalls.py (tool calls read back from an answer),
+  scheduler.py (queue, batching, limits), serve.py (the app, startup) and chat.html (the page);
 - cli.py: inference.py's arguments and main.
 """

@@ -571,3 +571,27 @@ def test_real_tokenizer_pieces_and_cut_answers_hold_whole_characters():
         assert generation.decode(fake, ids[:cut]) == streamed.strip(), cut
         split += "\ufffd" in session.decode(ids[:cut])
     assert split >= 3  # the premise: many cuts fall inside a character
+
+
+def test_chat_template_kwargs_come_from_the_command_line_else_from_the_checkpoint(tmp_path):
+    folder = save_tiny_model(tmp_path / "m")
+    tok = make_tokenizer()
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% if style is defined %}{{ style }} {% endif %}"
+        "{% endif %}"
+    )
+    tok.save_pretrained(folder)
+    conv = Conversation([Message("user", "hi")])
+
+    def prompt(*extra: str) -> str:
+        session = load_session(make_parser().parse_args(["--model", str(folder), *extra]), say=lambda _: None)
+        return render_prompt(session, conv)[0]
+
+    assert prompt().endswith("assistant\n")
+    assert prompt("--chat_template_kwargs", '{"style": "brief"}').endswith("assistant\nbrief ")
+    (folder / "run_args.json").write_text(json.dumps({"data": {"chat_template_kwargs": {"style": "long"}}}))
+    assert prompt().endswith("assistant\nlong ")
+    assert prompt("--chat_template_kwargs", '{"style": "brief"}').endswith("assistant\nbrief ")
+    with pytest.raises(loading.InferError, match="chat_template_kwargs"):
+        prompt("--chat_template_kwargs", "[1]")

@@ -501,3 +501,24 @@ def test_eval_loss_and_generation_metrics_at_each_evaluation(tiny_model, data_fi
     assert expected["rouge-1"] > 0  # some answer words learnt: the comparison is not of zeros
     config = json.loads((out / "checkpoint-15" / "run_args.json").read_text())
     assert config["data"]["formats"] == {data_file: "openai"}
+
+
+def test_chat_template_kwargs_reach_the_training_data_and_are_saved(tmp_path, data_file):
+    model = save_tiny_model(tmp_path / "m")
+    tok = make_tokenizer()
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' and style is defined %}"
+        "{{ style }} {% endif %}{{ m.content }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% if style is defined %}{{ style }} {% endif %}"
+        "{% endif %}"
+    )
+    tok.save_pretrained(model)
+    tokens = {}
+    for name, extra in (("plain", []), ("styled", ["--chat_template_kwargs", '{"style": "brief"}'])):
+        out = tmp_path / name
+        assert run(str(model), data_file, out, "--max_steps", "1", "--packing", "False", *extra) == 0
+        state = json.loads((out / "trainer_state.json").read_text())
+        tokens[name] = next(h["train_tokens"] for h in state["log_history"] if "train_tokens" in h)
+        saved = json.loads((out / "run_args.json").read_text())["data"]["chat_template_kwargs"]
+        assert saved == ({"style": "brief"} if extra else None)
+    assert tokens["styled"] > tokens["plain"]

@@ -62,6 +62,12 @@ def make_parser() -> argparse.ArgumentParser:
         help="chat template: chatml, chatglm3, or tokenizer (its own); default: the one the checkpoint was trained with",
     )
     m.add_argument(
+        "--chat_template_kwargs",
+        metavar="JSON",
+        help="variables for the chat template, e.g. '{\"enable_thinking\": false}' (default: those the checkpoint "
+        "was trained with)",
+    )
+    m.add_argument(
         "--raw",
         action=argparse.BooleanOptionalAction,
         default=None,

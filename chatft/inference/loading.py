@@ -183,7 +183,9 @@ def load_session(args: argparse.Namespace, say: Callable[[str], Any] = to_stderr
         args.model, args.pt_checkpoint, args.adapter, args.tokenizer, args.pre_seq_len, say
     )
     tokenizer = load_tokenizer(ckpt.tokenizer_path)
-    template = choose_template(args.template, ckpt.run_args, tokenizer)
+    template = choose_template(
+        args.template, ckpt.run_args, tokenizer, getattr(args, "chat_template_kwargs", None)
+    )
     raw = args.raw if args.raw is not None else template is None or trained_on_raw(ckpt.run_args)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -213,16 +215,24 @@ def load_tokenizer(path: str) -> Any:
     return tokenizer
 
 
-def choose_template(name: str | None, run_args: dict, tokenizer: Any) -> Template | None:
+def choose_template(
+    name: str | None, run_args: dict, tokenizer: Any, chat_template_kwargs: str | dict | None = None
+) -> Template | None:
     """--template, else the one the checkpoint was trained with, else the tokenizer's own; None when the
-    tokenizer has no chat template and none is named (raw prompts only)."""
+    tokenizer has no chat template and none is named (raw prompts only). It renders with --chat_template_kwargs,
+    else those the checkpoint was trained with."""
     if name is None:
         name = (run_args.get("model") or {}).get("template")
     if name == "tokenizer":
         name = None
     if name is None and not getattr(tokenizer, "chat_template", None):
         return None
-    return get_template(name, tokenizer)
+    if chat_template_kwargs is None:
+        chat_template_kwargs = (run_args.get("data") or {}).get("chat_template_kwargs")
+    try:
+        return get_template(name, tokenizer, chat_template_kwargs)
+    except ValueError as e:
+        raise InferError(str(e)) from e
 
 
 def trained_on_raw(run_args: dict) -> bool:

@@ -8,18 +8,17 @@ import os
 import datasets
 
 from chatft.args import DataArguments, ModelArguments
-from chatft.data.check import report_lines
 from chatft.data.dataset import PreparedData, prepare_data
 from chatft.packing import PackedDataset
 
 DEFAULT_CACHE_DIR = "~/.cache/chatft/preprocessed"
 
 
-def load_split(
-    name: str, files: list[str], data_args: DataArguments, model_args: ModelArguments, tokenizer, log
-):
-    log(f"--- {name} data ---")
-    prepared = prepare_data(
+def prepare_sft(
+    files: list[str], data_args: DataArguments, model_args: ModelArguments, tokenizer, log
+) -> PreparedData:
+    """SFT examples from data files: read, validated, rendered with the model's template, tokenized, cached."""
+    return prepare_data(
         files,
         data_args.train_format,
         tokenizer,
@@ -31,10 +30,8 @@ def load_split(
         log=log,
         cache_dir=preprocessing_cache_dir(data_args),
         overwrite_cache=data_args.overwrite_cache,
+        chat_template_kwargs=data_args.chat_template_kwargs,
     )
-    for line in report_lines(prepared, tokenizer):
-        log(line)
-    return prepared
 
 
 def preprocessing_cache_dir(data_args: DataArguments) -> str | None:

@@ -22,12 +22,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from transformers import set_seed
-
 from chatft.args import RUN_ARGS_FILE, ModelArguments, PreferenceArguments
-from chatft.data.check import position_warning
-from chatft.data.formats import DataFileError
-from chatft.data.templates import TemplateError
 from chatft.demo_model import DEFAULT_MODEL_DIR
 from chatft.methods import load_model, load_tokenizer
 from chatft.preference.encode import (
@@ -36,9 +31,9 @@ from chatft.preference.encode import (
     prepare_preferences,
     report_lines,
 )
-from chatft.training.checkpoints import SaveRunArgs, resolve_resume, save_run
+from chatft.training.checkpoints import SaveRunArgs, save_run
 from chatft.training.command_line import parse_args, requested_stage
-from chatft.training.data import data_refused
+from chatft.training.flow import bad_input_stops, load_sets, run_stage, seeded_model, warn_positions
 from chatft.training.preference_trainer import (
     PREFERENCE_HELP,
     REFERENCE_FREE,
@@ -47,7 +42,6 @@ from chatft.training.preference_trainer import (
     training_columns,
 )
 from chatft.training.process import add_process_callbacks, start_process
-from chatft.training.samples import base_model
 from chatft.training.step_plan import plan_micro_batches, schedule_evaluation
 from chatft.training.time_budget import add_time_budget
 
@@ -91,23 +85,6 @@ def start_from(model_args: ModelArguments, pref_args: PreferenceArguments, log) 
             log(f"chat template: {trained} (as {run_args.parent} was trained)")
 
 
-def load_split(name, files, stage, data_args, model_args, tokenizer, log) -> PreparedPreferences:
-    log(f"--- {name} data ({'labelled replies' if stage == 'kto' else 'preference pairs'}) ---")
-    prepared = prepare_preferences(
-        files,
-        data_args.train_format,
-        tokenizer,
-        model_args.template,
-        data_args.max_seq_length,
-        data_args.max_source_length,
-        unpaired=stage == "kto",
-        log=log,
-    )
-    for line in report_lines(prepared, tokenizer):
-        log(line)
-    return prepared
-
-
 def plan_pairs(stage: str, model_args, data_args, training_args, log) -> None:
     """SFT's micro-batch planning (chatft.machine.plan_step) with a pair as one row of both its sequences; any
     split of a step trains the same (PreferenceTrainer.compute_loss). Not for KTO, whose KL term is estimated
@@ -124,52 +101,47 @@ def plan_pairs(stage: str, model_args, data_args, training_args, log) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    stage = requested_stage(argv)
+    return run_stage(lambda: run_preference(argv, requested_stage(argv)))
+
+
+def run_preference(argv: list[str], stage: str) -> int:
     # peft and TRL read is_gradient_checkpointing, deprecated in transformers 5 (-> is_activation_checkpointing)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    try:
+    with bad_input_stops():
         model_args, data_args, pref_args, training_args = parse_preference_args(argv, stage)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     log = start_process(training_args)
-    try:
+    with bad_input_stops():
         start_from(model_args, pref_args, log)
         tokenizer = load_tokenizer(model_args)
-        with training_args.main_process_first(desc="preprocessing"):
-            train = load_split("train", data_args.train_file, stage, data_args, model_args, tokenizer, log)
-            evaluation = None
-            if data_args.eval_file:
-                evaluation = load_split(
-                    "eval", data_args.eval_file, stage, data_args, model_args, tokenizer, log
-                )
-    except (DataFileError, TemplateError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    refusal = data_refused(data_args, train, evaluation)
-    if refusal:
-        print(f"error: {refusal}", file=sys.stderr)
-        return 1
-    if stage == "kto":
-        training_args.train_sampling_strategy = (
-            "sequential"  # TRL's KTO pairs each reply with its neighbour's
+
+    def prepare(files: list[str]) -> PreparedPreferences:
+        return prepare_preferences(
+            files,
+            data_args.train_format,
+            tokenizer,
+            model_args.template,
+            data_args.max_seq_length,
+            data_args.max_source_length,
+            unpaired=stage == "kto",
+            log=log,
         )
+
+    what = " (labelled replies)" if stage == "kto" else " (preference pairs)"
+    train, evaluation = load_sets(
+        training_args, data_args, prepare, lambda prepared: report_lines(prepared, tokenizer), log, what
+    )
+    if stage == "kto":  # TRL's KTO pairs each reply with its neighbour's
+        training_args.train_sampling_strategy = "sequential"
     elif training_args.group_by_length and training_args.train_sampling_strategy == "random":
         training_args.train_sampling_strategy = "group_by_length"
     log(f"precision: {training_args.precision} ({training_args.precision_why})")
     plan_pairs(stage, model_args, data_args, training_args, log)
     schedule_evaluation(evaluation is not None, training_args, log)
 
-    set_seed(training_args.seed)  # before the model is built: LoRA weights are random
-    try:
-        resume = resolve_resume(training_args)
-        model = load_model(model_args, training_args, adapter=pref_args.adapter)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    warning = position_warning(base_model(model).config, data_args.max_seq_length, train.stats.lengths)
-    if warning:
-        log(warning)
+    resume, model = seeded_model(
+        training_args, lambda: load_model(model_args, training_args, adapter=pref_args.adapter)
+    )
+    warn_positions(model, data_args.max_seq_length, train.stats.lengths, log)
     log(describe_reference(stage, model_args, pref_args, training_args))
     run_args = {
         "model": dataclasses.asdict(model_args),

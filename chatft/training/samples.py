@@ -144,7 +144,7 @@ def generation_eval_for(
         return None
     records = load_conversations(data_args.eval_file, data_args.train_format, log=lambda _msg: None).records
     chat = model_args.template is not None or any(not c.raw for _, _, c in records)
-    template = get_template(model_args.template, tokenizer) if chat else None
+    template = get_template(model_args.template, tokenizer, data_args.chat_template_kwargs) if chat else None
     max_new_tokens = training_args.generation_max_length or 128
 
     def scores(model) -> dict[str, float]:
@@ -156,13 +156,15 @@ def generation_eval_for(
     return scores
 
 
-def add_sample_answers(trainer, samples, model_args, training_args, tokenizer, attention: str, log) -> None:
+def add_sample_answers(
+    trainer, samples, model_args, data_args, training_args, tokenizer, attention: str, log
+) -> None:
     """--sample_prompts: the SampleAnswers callback, writing to the Trainer's TensorBoard when it has one."""
     if zero3_enabled():
         log("--sample_prompts: skipped under DeepSpeed ZeRO-3 (the weights are split over the processes)")
         return
     chat = model_args.template is not None or any(not conv.raw for conv, _ in samples)
-    template = get_template(model_args.template, tokenizer) if chat else None
+    template = get_template(model_args.template, tokenizer, data_args.chat_template_kwargs) if chat else None
     callback = SampleAnswers(
         samples, tokenizer, template, attention, training_args.sample_max_new_tokens, log
     )

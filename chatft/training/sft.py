@@ -4,20 +4,24 @@ rooms of chatft.training in the order a run takes: arguments, process, data, ste
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 import torch
-from transformers import set_seed
 
 from chatft.collator import PackedCollator, PadCollator
-from chatft.data.check import position_warning
-from chatft.data.formats import DataFileError
-from chatft.data.templates import TemplateError
+from chatft.data.check import report_lines
 from chatft.methods import load_model, load_tokenizer
 from chatft.packing import PackedDataset, PackingError
-from chatft.training.checkpoints import SaveRunArgs, resolve_resume, save_run
+from chatft.training.checkpoints import SaveRunArgs, save_run
 from chatft.training.command_line import parse_args
-from chatft.training.data import data_refused, load_split, training_datasets
+from chatft.training.data import prepare_sft, training_datasets
+from chatft.training.flow import (
+    StageError,
+    bad_input_stops,
+    load_sets,
+    run_stage,
+    seeded_model,
+    warn_positions,
+)
 from chatft.training.process import add_process_callbacks, start_process
 from chatft.training.samples import add_sample_answers, base_model, generation_eval_for, read_sample_prompts
 from chatft.training.step_plan import packed_step, plan_micro_batches, resolve_packing, schedule_evaluation
@@ -26,29 +30,23 @@ from chatft.training.trainer import ChatTrainer, packed_attention
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
+    return run_stage(lambda: run_sft(argv))
+
+
+def run_sft(argv: list[str] | None) -> int:
+    with bad_input_stops():
         model_args, data_args, training_args = parse_args(argv)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     log = start_process(training_args)
-    try:
+    with bad_input_stops():
         tokenizer = load_tokenizer(model_args)
         samples = read_sample_prompts(training_args.sample_prompts) if training_args.sample_prompts else None
-        with training_args.main_process_first(desc="preprocessing"):
-            train = load_split("train", data_args.train_file, data_args, model_args, tokenizer, log)
-            evaluation = (
-                load_split("eval", data_args.eval_file, data_args, model_args, tokenizer, log)
-                if data_args.eval_file
-                else None
-            )
-    except (DataFileError, TemplateError, ValueError) as e:  # InferError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    refusal = data_refused(data_args, train, evaluation)
-    if refusal:
-        print(f"error: {refusal}", file=sys.stderr)
-        return 1
+    train, evaluation = load_sets(
+        training_args,
+        data_args,
+        lambda files: prepare_sft(files, data_args, model_args, tokenizer, log),
+        lambda prepared: report_lines(prepared, tokenizer),
+        log,
+    )
     packing = resolve_packing(model_args, data_args, log)
     packed_train = (
         PackedDataset(train.dataset, data_args.max_seq_length, train.stats.lengths) if packing else None
@@ -59,16 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     plan_micro_batches(model_args, data_args, training_args, log)
     schedule_evaluation(evaluation is not None, training_args, log)
 
-    set_seed(training_args.seed)  # before the model is built: LoRA and prefix weights are random
-    try:
-        resume = resolve_resume(training_args)
-        model = load_model(model_args, training_args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    warning = position_warning(base_model(model).config, data_args.max_seq_length, train.stats.lengths)
-    if warning:
-        log(warning)
+    resume, model = seeded_model(training_args, lambda: load_model(model_args, training_args))
+    warn_positions(model, data_args.max_seq_length, train.stats.lengths, log)
     run_args = {
         "model": dataclasses.asdict(model_args),
         # closing_tokens: the ends of turn the data trained, where inference stops too
@@ -104,12 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     add_process_callbacks(trainer, training_args, log)
     add_time_budget(trainer, training_args, resume, log)
     if samples:
-        add_sample_answers(trainer, samples, model_args, training_args, tokenizer, own, log)
+        add_sample_answers(trainer, samples, model_args, data_args, training_args, tokenizer, own, log)
     try:
         trainer.train(resume_from_checkpoint=resume)
     except PackingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        raise StageError(str(e), 1) from e
     model.config.use_cache = True  # off for training only; the saved model generates with its cache
     if attn != own:  # packing's own sdpa; config.json never records the attention
         base_model(model).set_attn_implementation(own)

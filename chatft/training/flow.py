@@ -1,0 +1,85 @@
+"""The steps every stage takes in the same order, with the same failures: bad input (arguments, data, templates)
+stops a run with exit status 2 and one `error:` line, data that cannot be trained on with status 1 (StageError,
+turned into the status by run_stage). A stage's main is its own steps between these."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from transformers import set_seed
+
+from chatft.data.check import position_warning
+from chatft.data.formats import DataFileError
+from chatft.data.templates import TemplateError
+from chatft.training.checkpoints import resolve_resume
+from chatft.training.data import data_refused
+from chatft.training.samples import base_model
+
+
+class StageError(Exception):
+    """A run that cannot go on: its message is printed as `error: ...`, its status returned."""
+
+    def __init__(self, message: str, status: int = 2) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def run_stage(body: Callable[[], int]) -> int:
+    try:
+        return body()
+    except StageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.status
+
+
+@contextmanager
+def bad_input_stops() -> Iterator[None]:
+    """Arguments, data files and templates that cannot be used: status 2 (InferError is a ValueError)."""
+    try:
+        yield
+    except (DataFileError, TemplateError, ValueError) as e:
+        raise StageError(str(e), 2) from e
+
+
+def load_sets(
+    training_args,
+    data_args,
+    prepare: Callable[[list[str]], Any],
+    report: Callable[[Any], Iterable[str]],
+    log: Callable[[str], None],
+    what: str = "",
+) -> tuple[Any, Any | None]:
+    """(train, eval or None): each data set prepared (the main process first: the others read its cache) and
+    reported; refused when it has invalid records (unless skipped) or nothing to train on."""
+    prepared = []
+    with bad_input_stops(), training_args.main_process_first(desc="preprocessing"):
+        for name, files in (("train", data_args.train_file), ("eval", data_args.eval_file)):
+            if not files:
+                prepared.append(None)
+                continue
+            log(f"--- {name} data{what} ---")
+            prepared.append(prepare(files))
+            for line in report(prepared[-1]):
+                log(line)
+    refusal = data_refused(data_args, *prepared)
+    if refusal:
+        raise StageError(refusal, 1)
+    return prepared[0], prepared[1]
+
+
+def seeded_model(training_args, build: Callable[[], Any]) -> tuple[str | None, Any]:
+    """(the checkpoint to resume from or None, the model): the seed set before the model is built (LoRA and
+    prefix weights are random), so that the same command builds the same model."""
+    set_seed(training_args.seed)
+    with bad_input_stops():
+        resume = resolve_resume(training_args)
+        return resume, build()
+
+
+def warn_positions(model, max_seq_length: int, lengths: list[int], log: Callable[[str], None]) -> None:
+    warning = position_warning(base_model(model).config, max_seq_length, lengths)
+    if warning:
+        log(warning)

@@ -7,13 +7,8 @@ from dataclasses import dataclass, field
 from chatft.demo_model import DEFAULT_MODEL_DIR
 
 METHODS = ("full", "ptuning", "lora", "qlora")
-STAGES = (
-    "sft",
-    "dpo",
-    "orpo",
-    "simpo",
-    "kto",
-)  # sft: supervised; the others: preference tuning (chatft.preference)
+# sft: supervised; dpo, orpo, simpo, kto: preference tuning (chatft.preference); grpo: online RL (chatft.grpo)
+STAGES = ("sft", "dpo", "orpo", "simpo", "kto", "grpo")
 RUN_ARGS_FILE = "run_args.json"  # a run's arguments, written beside every checkpoint and read by inference
 FORMATS = ("auto", "multi-turn", "input-output", "openai", "alpaca", "sharegpt")
 
@@ -44,7 +39,8 @@ class ModelArguments:
         default="sft",
         metadata={
             "help": "sft: supervised fine-tuning on conversations; dpo, orpo, simpo, kto: preference tuning on "
-            "chosen/rejected replies (or KTO's labelled ones) through TRL (README: Preference tuning).",
+            "chosen/rejected replies (or KTO's labelled ones) through TRL (docs/preference.md); grpo: online RL "
+            "with rewards a program checks (docs/grpo.md).",
             "choices": list(STAGES),
         },
     )
@@ -196,4 +192,28 @@ class PreferenceArguments:
             "--model_name_or_path says otherwise); the reference is the adapter as loaded. Without it: a new "
             "adapter (lora, qlora) or all weights (full) of --model_name_or_path, which may be a full SFT folder."
         },
+    )
+
+
+@dataclass
+class GRPOArguments:
+    """--stage grpo only (chatft.grpo); GRPO's own knobs (--num_generations, --max_completion_length, --beta,
+    --temperature, --reward_weights, ...) are TRL's GRPOConfig fields, on the same command line."""
+
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["accuracy"],
+        metadata={
+            "help": "Reward functions: built-in accuracy, format, tool_call, length (docs/grpo.md says each rule), "
+            "and path/to/file.py:function (TRL's signature: prompts, completions, **columns -> a float or None "
+            "per completion). Default: accuracy.",
+            "nargs": "+",
+        },
+    )
+    adapter: str | None = field(
+        default=None,
+        metadata={"help": "Start from this SFT LoRA/QLoRA adapter and go on training it (as --stage dpo does)."},
+    )
+    max_prompt_length: int | None = field(
+        default=None,
+        metadata={"help": "Records whose rendered prompt is longer than this many tokens are skipped and counted."},
     )

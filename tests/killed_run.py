@@ -50,7 +50,11 @@ def kill_at(trainer_class: type, step: int) -> None:
 if __name__ == "__main__":
     step, argv = int(sys.argv[1]), sys.argv[2:]
     kill_at(ChatTrainer, step)
-    if "--stage" in argv:  # preference tuning: TRL's trainers, with chatft's PreferenceTrainer mixed in
+    if "grpo" in argv:  # TRL's GRPOTrainer, subclassed by chatft.training.grpo
+        from trl import GRPOTrainer
+
+        kill_at(GRPOTrainer, step)
+    elif "--stage" in argv:  # preference tuning: TRL's trainers, with chatft's PreferenceTrainer mixed in
         from chatft.training.preference_trainer import PreferenceTrainer
 
         kill_at(PreferenceTrainer, step)

@@ -95,7 +95,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--stage",
         default="sft",
-        choices=STAGES,
+        choices=[s for s in STAGES if s != "grpo"],  # grpo: finetune.py checks its prompts and rewards
         help="sft: conversations; dpo, orpo, simpo: preference pairs (a Sanity Check of both replies); kto: "
         "labelled replies, or pairs (default: %(default)s)",
     )

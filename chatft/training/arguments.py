@@ -22,6 +22,7 @@ Why these defaults: bench/RESULTS.md (measured on this project's CPU).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments
@@ -171,3 +172,25 @@ class TrainArguments(Seq2SeqTrainingArguments):
 
 def make_parser() -> HfArgumentParser:
     return HfArgumentParser((ModelArguments, DataArguments, TrainArguments))
+
+
+def with_trl_config(name: str, config: type, module: str, defaults: dict | None = None) -> type:
+    """TrainArguments and a TRL config in one dataclass named `name`: every TRL knob on the command line, chatft's
+    arguments and defaults where the two differ (precision decided by --precision, bf16 off unless chosen), then
+    `defaults` (a config field's name -> chatft's default, with the field's own help). module: where the class is
+    found again by name (the Trainer pickles its arguments; that module's __getattr__ builds it)."""
+    overrides = {
+        "bf16": (
+            bool | None,
+            field(default=False, metadata={"help": "bf16 mixed precision (default: off)."}),
+        ),
+        "gradient_checkpointing": (bool | None, field(default=None, metadata={"help": "Deprecated alias."})),
+    }
+    for key, value in (defaults or {}).items():
+        own = next(f for f in dataclasses.fields(config) if f.name == key)
+        overrides[key] = (own.type, field(default=value, metadata=own.metadata))
+    cls = dataclasses.make_dataclass(
+        name, [(key, kind, spec) for key, (kind, spec) in overrides.items()], bases=(TrainArguments, config)
+    )
+    cls.__module__ = module
+    return cls

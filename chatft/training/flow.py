@@ -4,16 +4,20 @@ turned into the status by run_stage). A stage's main is its own steps between th
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from transformers import set_seed
 
+from chatft.args import RUN_ARGS_FILE, ModelArguments
 from chatft.data.check import position_warning
 from chatft.data.formats import DataFileError
 from chatft.data.templates import TemplateError
+from chatft.demo_model import DEFAULT_MODEL_DIR
 from chatft.training.checkpoints import resolve_resume
 from chatft.training.data import data_refused
 from chatft.training.samples import base_model
@@ -42,6 +46,29 @@ def bad_input_stops() -> Iterator[None]:
         yield
     except (DataFileError, TemplateError, ValueError) as e:
         raise StageError(str(e), 2) from e
+
+
+def start_from(model_args: ModelArguments, adapter: str | None, log: Callable[[str], None]) -> None:
+    """With --adapter: the base its adapter_config.json names (unless --model_name_or_path is given) and the
+    tokenizer saved beside it; the chat template the start folder (adapter or model) was trained with, unless
+    --template is given."""
+    folder = adapter
+    if folder:
+        config_file = Path(folder) / "adapter_config.json"
+        if not config_file.is_file():
+            raise ValueError(f"--adapter {folder}: not a peft adapter folder (no adapter_config.json)")
+        base = json.loads(config_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        if model_args.model_name_or_path == str(DEFAULT_MODEL_DIR) and base and Path(base).is_dir():
+            model_args.model_name_or_path = base
+            log(f"base model: {base} (from {config_file})")
+        if model_args.tokenizer_name_or_path is None and (Path(folder) / "tokenizer_config.json").is_file():
+            model_args.tokenizer_name_or_path = folder
+    run_args = Path(folder or model_args.model_name_or_path) / RUN_ARGS_FILE
+    if model_args.template is None and run_args.is_file():
+        trained = (json.loads(run_args.read_text(encoding="utf-8")).get("model") or {}).get("template")
+        if trained:
+            model_args.template = trained
+            log(f"chat template: {trained} (as {run_args.parent} was trained)")
 
 
 def load_sets(

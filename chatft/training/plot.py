@@ -1,5 +1,6 @@
 """loss.png: the training (and eval) loss of a run, from the Trainer's log history; for preference tuning also the
-rewards of the chosen and rejected replies, their margin and the reward accuracy."""
+rewards of the chosen and rejected replies, their margin and the reward accuracy; for GRPO each reward function's
+mean reward and the total."""
 
 from __future__ import annotations
 
@@ -18,6 +19,15 @@ def loss_series(log_history: list[dict], key: str) -> tuple[list[int], list[floa
     return [s for s, _ in points], [v for _, v in points]
 
 
+def reward_keys(log_history: list[dict]) -> list[tuple[str, str]]:
+    """(log key, label) of the rewards a run logged: preference tuning's, or GRPO's per function and total."""
+    per_function = sorted(
+        {k for e in log_history for k in e if k.startswith("rewards/") and k.endswith("/mean")}
+    )
+    keys = list(REWARDS) + [(k, f"{k.split('/')[1]} reward") for k in per_function]
+    return keys + ([("reward", "total reward")] if per_function else [])
+
+
 def plot_loss(log_history: list[dict], out_dir: Path) -> Path | None:
     """Writes out_dir/loss.png; returns its path, or None when nothing was logged."""
     train_steps, train_loss = loss_series(log_history, "loss")
@@ -29,7 +39,7 @@ def plot_loss(log_history: list[dict], out_dir: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rewards = [(label, *loss_series(log_history, key)) for key, label in REWARDS]
+    rewards = [(label, *loss_series(log_history, key)) for key, label in reward_keys(log_history)]
     rewards = [r for r in rewards if r[2]]
     fig, axes = plt.subplots(
         2 if rewards else 1, 1, figsize=(7, 7 if rewards else 4), sharex=True, squeeze=False

@@ -17,13 +17,10 @@ computed once before training, and no copy.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import warnings
-from pathlib import Path
 
-from chatft.args import RUN_ARGS_FILE, ModelArguments, PreferenceArguments
-from chatft.demo_model import DEFAULT_MODEL_DIR
+from chatft.args import ModelArguments
 from chatft.methods import load_model, load_tokenizer
 from chatft.preference.encode import (
     PreparedPreferences,
@@ -33,7 +30,14 @@ from chatft.preference.encode import (
 )
 from chatft.training.checkpoints import SaveRunArgs, save_run
 from chatft.training.command_line import parse_args, requested_stage
-from chatft.training.flow import bad_input_stops, load_sets, run_stage, seeded_model, warn_positions
+from chatft.training.flow import (
+    bad_input_stops,
+    load_sets,
+    run_stage,
+    seeded_model,
+    start_from,
+    warn_positions,
+)
 from chatft.training.preference_trainer import (
     PREFERENCE_HELP,
     REFERENCE_FREE,
@@ -62,29 +66,6 @@ def parse_preference_args(argv: list[str], stage: str):
     return model_args, data_args, pref_args, training_args
 
 
-def start_from(model_args: ModelArguments, pref_args: PreferenceArguments, log) -> None:
-    """With --adapter: the base its adapter_config.json names (unless --model_name_or_path is given) and the
-    tokenizer saved beside it; the chat template the start folder (adapter or model) was trained with, unless
-    --template is given."""
-    folder = pref_args.adapter
-    if folder:
-        config_file = Path(folder) / "adapter_config.json"
-        if not config_file.is_file():
-            raise ValueError(f"--adapter {folder}: not a peft adapter folder (no adapter_config.json)")
-        base = json.loads(config_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
-        if model_args.model_name_or_path == str(DEFAULT_MODEL_DIR) and base and Path(base).is_dir():
-            model_args.model_name_or_path = base
-            log(f"base model: {base} (from {config_file})")
-        if model_args.tokenizer_name_or_path is None and (Path(folder) / "tokenizer_config.json").is_file():
-            model_args.tokenizer_name_or_path = folder
-    run_args = Path(folder or model_args.model_name_or_path) / RUN_ARGS_FILE
-    if model_args.template is None and run_args.is_file():
-        trained = (json.loads(run_args.read_text(encoding="utf-8")).get("model") or {}).get("template")
-        if trained:
-            model_args.template = trained
-            log(f"chat template: {trained} (as {run_args.parent} was trained)")
-
-
 def plan_pairs(stage: str, model_args, data_args, training_args, log) -> None:
     """SFT's micro-batch planning (chatft.machine.plan_step) with a pair as one row of both its sequences; any
     split of a step trains the same (PreferenceTrainer.compute_loss). Not for KTO, whose KL term is estimated
@@ -111,7 +92,7 @@ def run_preference(argv: list[str], stage: str) -> int:
         model_args, data_args, pref_args, training_args = parse_preference_args(argv, stage)
     log = start_process(training_args)
     with bad_input_stops():
-        start_from(model_args, pref_args, log)
+        start_from(model_args, pref_args.adapter, log)
         tokenizer = load_tokenizer(model_args)
 
     def prepare(files: list[str]) -> PreparedPreferences:

@@ -16,11 +16,9 @@ in the SimPO paper. TRL's max_length is set to --max_seq_length (chatft's trunca
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import importlib
 import os
-from dataclasses import field
 
 import datasets
 import torch
@@ -30,7 +28,7 @@ from chatft.args import DataArguments, ModelArguments, PreferenceArguments
 from chatft.data.templates import IGNORE_INDEX
 from chatft.methods import _upcast_trainable
 from chatft.preference.encode import PreparedPreferences
-from chatft.training.arguments import TrainArguments
+from chatft.training.arguments import with_trl_config
 from chatft.training.trainer import StepGroupedSampler
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # ORPO and CPO (SimPO) live in trl.experimental
@@ -57,30 +55,10 @@ def trl_classes(stage: str) -> tuple[type, type]:
 
 @functools.cache
 def stage_arguments(stage: str) -> type:
-    """chatft's TrainArguments and the stage's TRL config in one dataclass: every TRL knob on the command line,
-    chatft's defaults where the two differ (module docstring)."""
+    """chatft's TrainArguments and the stage's TRL config in one dataclass (module docstring: the defaults)."""
     _, config = trl_classes(stage)
-    overrides = {
-        "bf16": (
-            bool | None,
-            field(default=False, metadata={"help": "bf16 mixed precision (default: off)."}),
-        ),
-        "gradient_checkpointing": (bool | None, field(default=None, metadata={"help": "Deprecated alias."})),
-        "learning_rate": (
-            float,
-            field(default=5e-5, metadata={"help": "The initial learning rate (AdamW)."}),
-        ),
-    }
-    for name, value in STAGE_DEFAULTS.get(stage, {}).items():
-        own = next(f for f in dataclasses.fields(config) if f.name == name)
-        overrides[name] = (own.type, field(default=value, metadata=own.metadata))
-    cls = dataclasses.make_dataclass(
-        f"{stage.upper()}TrainArguments",
-        [(name, kind, spec) for name, (kind, spec) in overrides.items()],
-        bases=(TrainArguments, config),
-    )
-    cls.__module__ = __name__  # found again by __getattr__ below: the Trainer pickles its arguments
-    return cls
+    defaults = {"learning_rate": 5e-5} | STAGE_DEFAULTS.get(stage, {})
+    return with_trl_config(f"{stage.upper()}TrainArguments", config, __name__, defaults)
 
 
 def __getattr__(name: str) -> type:

@@ -15,6 +15,7 @@ STAGE_MODULES = {
     "orpo": "chatft.training.preference",
     "simpo": "chatft.training.preference",
     "kto": "chatft.training.preference",
+    "grpo": "chatft.training.grpo",
 }
 
 

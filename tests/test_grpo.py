@@ -1,0 +1,265 @@
+"""--stage grpo: the built-in rewards on literal completions, prompts rendered with the model's own template (literal
+ids), a bad reward function located before any step, TRL's group advantages, a rising reward, resume after
+SIGKILL."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from killed_run import run_killed
+from toy import make_tokenizer, save_tiny_model
+
+from chatft.data.templates import get_template
+from chatft.grpo.prompts import prepare_prompts
+from chatft.grpo.rewards import (
+    accuracy,
+    check_rewards,
+    checked,
+    final_answer,
+    format,
+    length_reward,
+    load_reward,
+    tool_call,
+)
+from chatft.training.plot import reward_keys
+from chatft.training.stages import main
+
+WEATHER = json.dumps(
+    [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"city": {"type": "string"}, "days": {"type": "integer"},
+                                   "unit": {"enum": ["C", "F"]}},
+                    "required": ["city"],
+                },
+            },
+        }
+    ]
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("completion", "reference", "reward"),
+    [
+        ("so the sum is \\boxed{12}", "12", 1.0),
+        ("\\boxed{11} no wait \\boxed{12}", "12", 1.0),  # the last boxed
+        ("The answer is: 1,200.", "1200", 1.0),
+        ("答案：42", "42", 1.0),
+        ("work... #### 7", "#### 7", 1.0),  # GSM8K's form on both sides
+        ("3 apples and 4 pears make 7", "7", 1.0),  # a numeric reference: the last number
+        ("3 apples and 4 pears make 7 fruits in 2 bags", "7", 0.0),
+        ("<think>maybe 6</think>It is 0.5", "1/2", 1.0),  # the reasoning is not the answer; fractions
+        ("<think>it is 12</think>13", "12", 0.0),
+        ("Paris.", "paris", 1.0),
+        ("the capital is Paris", "Paris", 0.0),  # a text reference: the whole text
+        ("anything", "", None),  # no reference: no opinion
+    ],
+)
+def test_accuracy(completion, reference, reward):
+    assert accuracy([""], [completion], reference=[reference]) == [reward]
+
+
+def test_final_answer_rules():
+    assert final_answer("x \\boxed{\\frac{1}{2}} y") == "\\frac{1}{2}"
+    assert final_answer("Answer: 5\nbecause ...") == "5"
+    assert final_answer("no number here", numeric=True) == ""
+
+
+@pytest.mark.parametrize(
+    ("completion", "reward"),
+    [
+        ("<think>3+4 is 7</think>7", 1.0),
+        ("3+4 is 7</think>\n\n7", 1.0),  # the generation prompt opened the block
+        ("<think></think>7", 0.0),  # no reasoning
+        ("<think>3+4</think>  ", 0.0),  # no answer
+        ("7", 0.0),
+        ("<think>a</think>b</think>c", 0.0),
+        ("<think>a<think>b</think>c", 0.0),
+    ],
+)
+def test_format(completion, reward):
+    assert format([""], [completion]) == [reward]
+
+
+@pytest.mark.parametrize(
+    ("completion", "reward"),
+    [
+        ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>', 1.0),
+        ('<tool_call>{"name": "get_weather", "arguments": "{\\"city\\": \\"Paris\\", \\"days\\": 2}"}</tool_call>', 1.0),
+        ('<think>call it</think><tool_call>{"name": "get_weather", "arguments": {"city": "Rome", "unit": "C"}}</tool_call>', 1.0),
+        ('<tool_call>{"name": "get_time", "arguments": {"city": "Paris"}}</tool_call>', 0.0),  # not declared
+        ('<tool_call>{"name": "get_weather", "arguments": {}}</tool_call>', 0.0),  # city is required
+        ('<tool_call>{"name": "get_weather", "arguments": {"city": "Paris", "days": "2"}}</tool_call>', 0.0),
+        ('<tool_call>{"name": "get_weather", "arguments": {"city": "Paris", "unit": "K"}}</tool_call>', 0.0),
+        ('<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"</tool_call>', 0.0),  # not JSON
+        ("It is sunny in Paris.", 0.0),
+    ],
+)  # fmt: skip
+def test_tool_call(completion, reward):
+    assert tool_call([""], [completion], tools=[WEATHER]) == [reward]
+    assert tool_call([""], [completion], tools=[""]) == [None]  # the record declares no tools
+
+
+def test_length_and_conversational_completions():
+    length = length_reward(8)
+    assert length([""] * 3, ["", "", ""], completion_ids=[[], [1, 2], [1] * 8]) == [0.0, -0.25, -1.0]
+    assert accuracy([[]], [[{"role": "assistant", "content": "\\boxed{3}"}]], reference=["3"]) == [1.0]
+
+
+def write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+def test_user_rewards_are_loaded_and_bad_ones_located(tmp_path):
+    good = write(
+        tmp_path / "good.py",
+        "def short(prompts, completions, **kw):\n    return [-len(c) for c in completions]\n",
+    )
+    assert load_reward(f"{good}:short", 8)([""], ["abc"]) == [-3]
+    raising = write(tmp_path / "bad.py", "def boom(prompts, completions, reference, **kw):\n    return [1 / 0 for c in completions]\n"
+                    "def short(prompts, completions, **kw):\n    return [1.0]\n"
+                    "def text(prompts, completions, **kw):\n    return ['1'] * len(completions)\n")  # fmt: skip
+    row = {"prompt": "p", "prompt_ids": [1], "reference": "7", "tools": "", "file": "d.jsonl", "record": 3}
+    for name, message in (
+        ("boom", "reward function boom raised ZeroDivisionError: division by zero (first sample on d.jsonl:3: "
+                 "completion '7')"),
+        ("short", "reward function short returned 1 values for 2 completions"),
+        ("text", "reward function text returned '1': each reward must be a finite number or None"),
+    ):  # fmt: skip
+        with pytest.raises(ValueError) as e:
+            check_rewards([checked(load_reward(f"{raising}:{name}", 8))], [row], 8)
+        assert message in str(e.value)
+    for spec, message in (("nope", "not a built-in"), (f"{tmp_path}/none.py:f", "no such file"),
+                          (f"{good}:missing", "has no function missing")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            load_reward(spec, 8)
+
+
+def test_prompts_are_the_templates_own_rendering_with_the_answer_as_reference(tmp_path):
+    tok = make_tokenizer()
+    records = [
+        {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "1+1?"},
+                      {"role": "assistant", "content": "2"}]},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                      {"role": "user", "content": "2+2?"}]},  # no answer: a prompt without a reference
+        {"messages": [{"role": "assistant", "content": "alone"}]},
+    ]  # fmt: skip
+    data = write(tmp_path / "p.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    prepared = prepare_prompts([data], "auto", tok, get_template(None, tok), None, log=lambda _: None)
+    rows = prepared.dataset
+    assert rows["reference"] == ["2", ""] and rows["record"] == [1, 2]
+    for row, messages in zip(rows, (records[0]["messages"][:2], records[1]["messages"]), strict=True):
+        expected = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        assert row["prompt"] == expected and expected.endswith("<|im_start|>assistant\n")
+        assert row["prompt_ids"] == tok(expected, add_special_tokens=False)["input_ids"]
+    # <|im_start|> system \n be brief <|im_end|> \n <|im_start|> user \n 1+1? <|im_end|> \n <|im_start|> assistant \n
+    assert rows[0]["prompt_ids"] == [3, 16, 11, 0, 13, 0, 4, 11, 3, 17, 11, 0, 0, 0, 33, 4, 11, 3, 18, 11]
+    assert [str(p) for p in prepared.problems] == [f"{data}:3: messages: needs at least one user message"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny model and 16 arithmetic prompts with their answers."""
+    root = tmp_path_factory.mktemp("grpo")
+    save_tiny_model(root / "m")
+    records = [{"messages": [{"role": "user", "content": f"{a}+{b}="}, {"role": "assistant", "content": str(a + b)}]}
+               for a in range(4) for b in range(4)]  # fmt: skip
+    (root / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return root
+
+
+def argv(setup, out, *extra) -> list[str]:
+    return ["--stage", "grpo", "--model_name_or_path", str(setup / "m"), "--train_file", str(setup / "d.jsonl"),
+            "--output_dir", str(out), "--report_to", "none", "--precision", "fp32", "--per_device_train_batch_size",
+            "4", "--num_generations", "4", "--max_completion_length", "6", "--seed", "3", *extra]  # fmt: skip
+
+
+def history(out: Path) -> list[dict]:
+    return [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+
+
+def test_a_bad_reward_function_stops_the_run_before_training(setup, tmp_path, capsys):
+    bad = write(tmp_path / "r.py", "def wrong(prompts, completions, **kw):\n    return 1.0\n")
+    assert main(argv(setup, tmp_path / "o", "--reward_funcs", f"{bad}:wrong", "--max_steps", "2")) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"error: reward function wrong returned float, not a list of 2 floats (first sample on {setup}/d.jsonl:1"
+        in err
+    )
+    assert not (tmp_path / "o" / "trainer_state.json").exists()
+
+
+def test_group_advantages_are_trls(setup, tmp_path):
+    """TRL's GRPO advantage of a completion: its reward less its group's mean, over the group's std (scale_rewards
+    group); one prompt's 4 completions form a group. Checked on the completions of the run's first step."""
+    from trl import GRPOTrainer
+
+    seen = {}
+    original = GRPOTrainer._generate_and_score_completions
+
+    def spy(self, inputs):
+        out = original(self, inputs)
+        seen.setdefault("advantages", out["advantages"].clone())
+        seen.setdefault("lengths", out["completion_mask"].sum(1).clone())
+        seen.setdefault(
+            "prompts",
+            [
+                row[mask.bool()].tolist()
+                for row, mask in zip(out["prompt_ids"], out["prompt_mask"], strict=True)
+            ],
+        )
+        seen.setdefault("texts", [x["prompt"] for x in inputs])
+        return out
+
+    GRPOTrainer._generate_and_score_completions = spy
+    try:
+        assert main(argv(setup, tmp_path / "o", "--reward_funcs", "length", "--max_steps", "1")) == 0
+    finally:
+        GRPOTrainer._generate_and_score_completions = original
+    # generation started from chatft's ids of each prompt (chatft.grpo.prompts), not from TRL's own tokenization
+    tok = make_tokenizer()
+    assert seen["prompts"] == [tok(t, add_special_tokens=False)["input_ids"] for t in seen["texts"]]
+    assert all(t.endswith("<|im_start|>assistant\n") for t in seen["texts"])
+    rewards = -seen["lengths"].float() / 6
+    expected = (rewards - rewards.mean()) / (rewards.std() + 1e-4)
+    torch.testing.assert_close(seen["advantages"], expected, atol=1e-5, rtol=1e-4)
+
+
+def test_a_few_steps_raise_a_deterministic_reward(setup, tmp_path):
+    """The length reward (shorter is better) rises within a few steps: the model learns to end its answers."""
+    out = tmp_path / "o"
+    assert main(argv(setup, out, "--reward_funcs", "length", "--max_steps", "20", "--method", "full",
+                     "--learning_rate", "5e-2", "--max_completion_length", "12", "--per_device_train_batch_size", "8",
+                     "--num_generations", "8", "--save_strategy", "no")) == 0  # fmt: skip
+    rewards = [h["rewards/length/mean"] for h in history(out)]
+    assert len(rewards) == 20 and (out / "loss.png").is_file()
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert ("rewards/length/mean", "length reward") in reward_keys(state["log_history"])  # drawn in loss.png
+    assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.2, rewards
+
+
+def test_a_killed_run_resumes_to_the_same_losses_rewards_and_weights(setup, tmp_path):
+    from safetensors.torch import load_file
+
+    common = ["--reward_funcs", "length", "accuracy", "--max_steps", "6", "--save_steps", "3",
+              "--learning_rate", "1e-2", "--method", "full"]  # fmt: skip
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert main(argv(setup, whole, *common)) == 0
+    run_killed(4, argv(setup, killed, *common))
+    assert sorted(p.name for p in killed.glob("checkpoint-*")) == ["checkpoint-3"]
+    assert main(argv(setup, killed, *common, "--resume_from_checkpoint", "auto")) == 0
+    a, b = history(whole), history(killed)
+    assert [h["step"] for h in a] == [h["step"] for h in b] == list(range(1, 7))
+    for key in ("loss", "reward", "rewards/length/mean", "completions/mean_length"):
+        assert [h[key] for h in b] == pytest.approx([h[key] for h in a], abs=1e-6), key
+    mine, theirs = load_file(whole / "model.safetensors"), load_file(killed / "model.safetensors")
+    for k in mine:
+        torch.testing.assert_close(theirs[k], mine[k], atol=1e-6, rtol=1e-5)

@@ -144,3 +144,21 @@ def test_preference_walkthrough_reduced(tmp_path):
     assert 0 <= dpo["reward_accuracy"] <= 1 and "rewards (beta 0.1 x log-ratio to the reference)" in stdout
     assert len((work / "dpo_answers.jsonl").read_text().splitlines()) == 2
     assert "walkthrough took" in stdout
+
+
+def test_grpo_walkthrough_reduced(tmp_path):
+    work = tmp_path / "grpo"
+    stdout = sh(
+        "bash scripts/grpo_walkthrough.sh",
+        WORK=str(work), N_TRAIN="16", N_HELDOUT="4", SFT_STEPS="3", GRPO_STEPS="2", GENERATIONS="4",
+        MAX_NEW_TOKENS="12",
+    )  # fmt: skip
+    rewards = json.loads((work / "rewards.json").read_text())
+    assert list(rewards) == [str(work / "sft_heldout.jsonl"), str(work / "grpo_heldout.jsonl")]
+    assert all(0 <= r["accuracy"] <= 1 for r in rewards.values())
+    state = json.loads((work / "grpo" / "trainer_state.json").read_text())
+    steps = [e for e in state["log_history"] if "rewards/accuracy/mean" in e]
+    assert [e["step"] for e in steps] == [1, 2]
+    sft = [json.loads(line) for line in (work / "sft_heldout.jsonl").read_text().splitlines()]
+    assert len(sft) == 4 and all(r["prediction"].startswith("Answer:") for r in sft)  # SFT taught the form
+    assert "reference 'Answer: " in stdout and "done in" in stdout

@@ -5,6 +5,7 @@ SIGKILL."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -263,3 +264,41 @@ def test_a_killed_run_resumes_to_the_same_losses_rewards_and_weights(setup, tmp_
     mine, theirs = load_file(whole / "model.safetensors"), load_file(killed / "model.safetensors")
     for k in mine:
         torch.testing.assert_close(theirs[k], mine[k], atol=1e-6, rtol=1e-5)
+
+
+SPY = """import json, os
+
+def spy(prompts, completions, completion_ids, trainer_state, **kw):
+    rewards = [-float(len(ids)) for ids in completion_ids]
+    if trainer_state.max_steps:  # not the check before training
+        with open(os.environ["SPY"], "a") as f:
+            f.write(json.dumps({"rank": int(os.environ.get("RANK", 0)), "step": trainer_state.global_step,
+                                "rewards": rewards}) + "\\n")
+    return rewards
+"""
+
+
+def test_two_processes_gather_the_rewards_of_a_group(setup, tmp_path):
+    """torchrun, 2 CPU processes (gloo): a group of 4 completions of one prompt is generated 2 on each process;
+    its advantages use the rewards of all 4 (TRL gathers them), so the logged reward_std is the spread of the 4."""
+    import subprocess
+    import sys
+
+    from test_train import ROOT, free_port
+
+    spy = write(tmp_path / "spy.py", SPY)
+    out, log = tmp_path / "two", tmp_path / "spy.jsonl"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(ROOT / "finetune.py"), *argv(setup, out, "--reward_funcs", f"{spy}:spy", "--max_steps", "2",
+                                             "--per_device_train_batch_size", "2", "--save_strategy", "no")]  # fmt: skip
+    r = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ, "SPY": str(log)}
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    first = [c for c in calls if c["step"] == 0]
+    assert sorted(c["rank"] for c in first) == [0, 1] and all(len(c["rewards"]) == 2 for c in first)
+    group = torch.tensor([x for c in first for x in c["rewards"]])
+    logged = history(out)[0]
+    assert logged["reward"] == pytest.approx(group.mean().item(), abs=1e-4)
+    assert logged["reward_std"] == pytest.approx(group.std().item(), abs=1e-4)

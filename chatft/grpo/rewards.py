@@ -274,9 +274,17 @@ def sample_text(completions: list, columns: dict) -> str:
 def check_rewards(functions: list[Callable], rows: list[dict], max_completion_length: int) -> None:
     """Each function called before training on a few records, with two completions each (the reference and an
     empty one): one that raises or answers in the wrong shape stops the run (RewardError)."""
+    from transformers import TrainerState
+
     for row in rows:
         completions = [row["reference"], ""]
         columns = {key: [row[key]] * 2 for key in row if key != "prompt"}
         columns["completion_ids"] = [[0] * min(len(row["reference"]), max_completion_length), []]
+        # what TRL passes besides the columns: a state before any step, and loggers that keep nothing
+        columns |= {"trainer_state": TrainerState(), "log_extra": _ignore, "log_metric": _ignore}
         for function in functions:
             function([row["prompt"]] * 2, completions, **columns)
+
+
+def _ignore(*args: Any, **kwargs: Any) -> None:
+    return None

@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 from chatft.demo_model import DEFAULT_MODEL_DIR
-from chatft.grpo.rewards import RewardError, checked, load_reward
+from chatft.grpo.rewards import checked, load_reward
+from chatft.inference.evaluation import read_predictions
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -30,17 +31,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def score_file(path: str, functions: list, tokenizer) -> dict[str, float | None]:
-    rows = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            raise RewardError(f"{path}:{number}: not JSON ({e})") from e
-        if not isinstance(row, dict) or not isinstance(row.get("prediction"), str):
-            raise RewardError(f"{path}:{number}: prediction: missing (a line of inference.py --output_file)")
-        rows.append(row)
+    rows = read_predictions(path)  # located errors: InferError, a ValueError
     completions = [r["prediction"] for r in rows]
     columns = {
         "reference": [r.get("reference", "") for r in rows],
@@ -71,10 +62,8 @@ def main(argv: list[str] | None = None) -> int:
             tokenizer = AutoTokenizer.from_pretrained(args.model)
         results = {}
         for path in args.predictions:
-            if not Path(path).is_file():
-                raise RewardError(f"--predictions {path}: no such file")
             results[path] = score_file(path, functions, tokenizer)
-    except (RewardError, OSError) as e:
+    except (ValueError, OSError) as e:  # RewardError and InferError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
     for path, means in results.items():

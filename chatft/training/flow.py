@@ -18,9 +18,11 @@ from chatft.data.check import position_warning
 from chatft.data.formats import DataFileError
 from chatft.data.templates import TemplateError
 from chatft.demo_model import DEFAULT_MODEL_DIR
-from chatft.training.checkpoints import resolve_resume
+from chatft.training.checkpoints import resolve_resume, save_run
 from chatft.training.data import data_refused
+from chatft.training.process import add_process_callbacks
 from chatft.training.samples import base_model
+from chatft.training.time_budget import add_time_budget
 
 
 class StageError(Exception):
@@ -110,3 +112,15 @@ def warn_positions(model, max_seq_length: int, lengths: list[int], log: Callable
     warning = position_warning(base_model(model).config, max_seq_length, lengths)
     if warning:
         log(warning)
+
+
+def train_and_save(
+    trainer, model, training_args, run_args: dict, resume: str | None, log: Callable[[str], None]
+) -> None:
+    """The end every TRL stage shares: the process callbacks (memory, threads) and --time_budget, training (from
+    the checkpoint when resuming), and the model saved with the run's arguments."""
+    add_process_callbacks(trainer, training_args, log)
+    add_time_budget(trainer, training_args, resume, log)
+    trainer.train(resume_from_checkpoint=resume)
+    model.config.use_cache = True  # off for training only; the saved model generates with its cache
+    save_run(trainer, training_args, run_args, log)

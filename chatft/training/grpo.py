@@ -30,7 +30,7 @@ from chatft.grpo.rewards import RewardError, check_rewards, checked, load_reward
 from chatft.inference.loading import stop_token_ids
 from chatft.methods import load_model, load_tokenizer
 from chatft.training.arguments import with_trl_config
-from chatft.training.checkpoints import SaveRunArgs, save_run
+from chatft.training.checkpoints import SaveRunArgs
 from chatft.training.command_line import parse_args
 from chatft.training.flow import (
     StageError,
@@ -39,10 +39,10 @@ from chatft.training.flow import (
     run_stage,
     seeded_model,
     start_from,
+    train_and_save,
 )
-from chatft.training.process import add_process_callbacks, start_process
+from chatft.training.process import start_process
 from chatft.training.step_plan import schedule_evaluation
-from chatft.training.time_budget import add_time_budget
 
 DEFAULTS = {"num_generations": 4, "max_completion_length": 128, "learning_rate": 1e-5, "logging_steps": 1}
 GRPO_HELP = ["reward_funcs", "reward_weights", "adapter", "num_generations", "max_completion_length",
@@ -177,9 +177,5 @@ def run_grpo(argv: list[str] | None) -> int:
         callbacks=[SaveRunArgs(run_args)],
         prompt_ids=prompt_ids,
     )
-    add_process_callbacks(trainer, training_args, log)
-    add_time_budget(trainer, training_args, resume, log)
-    trainer.train(resume_from_checkpoint=resume)
-    model.config.use_cache = True
-    save_run(trainer, training_args, run_args, log)
+    train_and_save(trainer, model, training_args, run_args, resume, log)
     return 0

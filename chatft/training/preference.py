@@ -28,7 +28,7 @@ from chatft.preference.encode import (
     prepare_preferences,
     report_lines,
 )
-from chatft.training.checkpoints import SaveRunArgs, save_run
+from chatft.training.checkpoints import SaveRunArgs
 from chatft.training.command_line import parse_args, requested_stage
 from chatft.training.flow import (
     bad_input_stops,
@@ -36,6 +36,7 @@ from chatft.training.flow import (
     run_stage,
     seeded_model,
     start_from,
+    train_and_save,
     warn_positions,
 )
 from chatft.training.preference_trainer import (
@@ -45,9 +46,8 @@ from chatft.training.preference_trainer import (
     make_trainer,
     training_columns,
 )
-from chatft.training.process import add_process_callbacks, start_process
+from chatft.training.process import start_process
 from chatft.training.step_plan import plan_micro_batches, schedule_evaluation
-from chatft.training.time_budget import add_time_budget
 
 
 def parse_preference_args(argv: list[str], stage: str):
@@ -146,11 +146,7 @@ def run_preference(argv: list[str], stage: str) -> int:
         continuing=bool(pref_args.adapter),
         lengths=None if stage == "kto" else lengths,
     )
-    add_process_callbacks(trainer, training_args, log)
-    add_time_budget(trainer, training_args, resume, log)
-    trainer.train(resume_from_checkpoint=resume)
-    model.config.use_cache = True
-    save_run(trainer, training_args, run_args, log)
+    train_and_save(trainer, model, training_args, run_args, resume, log)
     return 0
 
 

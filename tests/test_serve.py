@@ -100,7 +100,7 @@ def test_an_answer_is_what_inference_py_answers_with_usage(served):
     session = served.server.models["tuned"]
     _, ids = render_prompt(session, Conversation([Message("user", "hi")]))
     # same loading, same prompt rendering: the answer of inference.py --prompt, token for token
-    assert answer(session, GenerationOptions(200), "hi") == "hello there!"
+    assert answer(session, GenerationOptions(200), "hi") == ("", "hello there!")  # (reasoning, answer)
     assert reply.usage.prompt_tokens == len(ids) == 21
     assert reply.usage.completion_tokens == len(b"hello there!") + 1  # and <|im_end|>
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens

@@ -8,6 +8,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+import thinking
+from thinking import GREET
 
 CHROMIUM = os.environ.get("CHATFT_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 # as root, on a machine whose network is closed: no sandbox, no GPU, and none of the background connections
@@ -16,6 +18,9 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "-
 SCREENSHOT = os.environ.get(
     "CHATFT_SCREENSHOT"
 )  # where to keep the screenshot (default: the test's tmp folder)
+
+# the tiny reasoning model and its server (tests/thinking.py)
+thinking_model, thinking_served = thinking.thinking_model, thinking.thinking_served
 
 
 # the lengths the base column's answer is seen with, as the page updates it
@@ -107,3 +112,34 @@ def test_chat_page_streams_an_answer_then_compares_two_models(browser_page, serv
 
     page.click("#new-chat")
     assert page.locator(".msg").count() == 0 and page.locator(".column").count() == 2
+
+
+def test_chat_page_folds_the_thinking_in_each_column(browser_page, thinking_served):
+    """A reasoning model's delta.reasoning_content goes into a folded <details> above its answer, in compare mode
+    too; "opener" is the same model with a prompt that opens the think block (DeepSeek-R1 style)."""
+    page = browser_page
+    page.goto(thinking_served.url + "/")
+    page.wait_for_function("document.querySelectorAll('#model-a option').length === 2")
+    page.fill("#input", "hi")
+    page.press("#input", "Enter")
+    reply = page.locator('.msg.assistant[data-done="1"]')
+    reply.wait_for()
+    thinking = reply.locator("details.thinking")
+    assert reply.locator(".text").inner_text() == "hello there!"
+    assert thinking.evaluate("d => d.open") is False and not thinking.locator(".reasoning").is_visible()
+    assert thinking.locator(".reasoning").text_content() == GREET
+    assert thinking.locator("summary").inner_text() == f"Thought ({len(GREET)} characters)"
+    thinking.locator("summary").click()
+    assert thinking.locator(".reasoning").is_visible()
+
+    page.check("#compare")
+    page.select_option("#model-a", "thinker")
+    page.select_option("#model-b", "opener")
+    page.fill("#input", "hi")
+    page.click("#send")
+    page.wait_for_function("document.querySelectorAll('.msg.assistant[data-done=\"1\"]').length === 2")
+    for column in page.locator(".column").all():
+        folded = column.locator(".msg.assistant details.thinking")
+        assert folded.evaluate("d => d.open") is False, column.get_attribute("data-model")
+        assert folded.locator(".reasoning").text_content() == GREET
+        assert column.locator(".msg.assistant .text").inner_text() == "hello there!"

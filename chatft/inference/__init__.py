@@ -2,6 +2,7 @@
 
 - loading.py: a model from the arguments alone (--model, --pt-checkpoint, --adapter) into a Session;
 - generation.py: prompts rendered as in training, generation, decoding;
+- reasoning.py: a reasoning model's answer split into its reasoning and the answer (chat, prediction, server);
 - chat.py: the streamed terminal chat;
 - evaluation.py: batch prediction, ROUGE/BLEU scores, the before/after comparison;
 - merge.py: scripts/merge_adapter.py;

@@ -1,4 +1,5 @@
-"""The terminal chat: multi-turn, streamed, 'clear' and 'exit'."""
+"""The terminal chat: multi-turn, streamed, 'clear' and 'exit'. A reasoning model's reasoning is shown apart from
+its answer: after `thinking: ` on a line of its own, dimmed on a terminal (chatft.inference.reasoning splits it)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,10 @@ from chatft.inference.generation import (
     render_prompt,
 )
 from chatft.inference.loading import Session
+from chatft.inference.reasoning import REASONING, ReasoningStream, prompt_opens_think, split_reasoning
+
+DIM, PLAIN = "\x1b[2m", "\x1b[0m"
+THINKING = "thinking: "
 
 
 def chat(
@@ -58,15 +63,51 @@ def _chat_loop(
         prompt_text, ids = render_prompt(session, conversation_for(session, history, system, tools))
         print_prompt(session, prompt_text)
         print("\nAssistant: ", end="", flush=True)
-        result = generate_one(session, ids, options, on_text=_print_piece)
+        opened = prompt_opens_think(prompt_text)
+        shown = Shown(sys.stdout.isatty(), opened)
+        result = generate_one(session, ids, options, on_text=shown.feed)
+        shown.finish()
         if not result.stopped:  # max_new_tokens: say so rather than end mid-sentence (or mid-character)
             print(f" [cut at {result.produced} tokens]", end="")
         print(flush=True)
-        reply = decode(session, result.ids)
-        history.append(Message("assistant", reply))
+        reasoning, reply = split_reasoning(decode(session, result.ids), opened)
+        # the template decides what of it the next prompt shows, as it did in training
+        history.append(Message("assistant", reply, reasoning=reasoning or None))
         if session.raw:
             history.clear()
 
 
-def _print_piece(text: str) -> None:
-    print(text, end="", flush=True)
+class Shown:
+    """An answer printed as it comes, split by a ReasoningStream (opened: the prompt opened the think block): the
+    reasoning after `thinking: ` (dimmed when dim), the answer on the next line."""
+
+    def __init__(self, dim: bool, opened: bool = False) -> None:
+        self.dim = dim
+        self.stream = ReasoningStream(opened)
+        self.thinking = False
+
+    def feed(self, piece: str) -> None:
+        self.add(self.stream.feed(piece))
+
+    def finish(self) -> None:
+        """The answer is over: what the stream held back, and the end of the reasoning's dimming."""
+        self.add(self.stream.finish())
+        self.end()
+
+    def add(self, parts: list[tuple[str, str]]) -> None:
+        for kind, text in parts:
+            if not text:
+                continue
+            if kind == REASONING and not self.thinking:
+                self.thinking = True
+                text = (DIM if self.dim else "") + THINKING + text
+            elif kind != REASONING and self.thinking:
+                self.end()
+                text = "\n" + text
+            print(text, end="", flush=True)
+
+    def end(self) -> None:
+        """The reasoning is over (an answer cut while thinking has none)."""
+        if self.thinking and self.dim:
+            print(PLAIN, end="", flush=True)
+        self.thinking = False

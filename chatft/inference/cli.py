@@ -15,11 +15,12 @@ from pathlib import Path
 from chatft.data.formats import FORMAT_NAMES, DataFileError
 from chatft.data.templates import TemplateError
 from chatft.demo_model import DEFAULT_MODEL_DIR
-from chatft.inference.chat import chat
+from chatft.inference.chat import Shown, chat
 from chatft.inference.common import InferError, to_stderr
 from chatft.inference.evaluation import evaluate_files, predict_file
 from chatft.inference.generation import GenerationOptions, answer
 from chatft.inference.loading import load_session
+from chatft.inference.reasoning import ANSWER, REASONING
 
 EXAMPLES = """\
 examples:
@@ -124,6 +125,12 @@ def make_parser() -> argparse.ArgumentParser:
         "--predictions", help="an existing predictions JSONL to --eval (or the tuned side of --compare)"
     )
     r.add_argument(
+        "--score_reasoning",
+        action="store_true",
+        help="--eval/--compare: also score the predicted reasoning against the records' own reasoning (rows whose "
+        "record has some); the answer is scored without its reasoning either way",
+    )
+    r.add_argument(
         "--metrics_file", help="where --eval writes its scores (default: <predictions>.metrics.json)"
     )
     r.add_argument(
@@ -181,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     check_args(args)
     if args.predictions:
-        return evaluate_files(args.predictions, args.compare, args.metrics_file)
+        return evaluate_files(args.predictions, args.compare, args.metrics_file, args.score_reasoning)
     from transformers import set_seed
     from transformers.utils import logging as hf_logging
 
@@ -206,10 +213,14 @@ def run(args: argparse.Namespace) -> int:
     if args.input_file:
         predict_file(session, options, args.input_file, args.input_format, args.output_file, args.batch_size)
         if args.eval or args.compare:
-            return evaluate_files(args.output_file, args.compare, args.metrics_file)
+            return evaluate_files(args.output_file, args.compare, args.metrics_file, args.score_reasoning)
         return 0
     if args.prompt is not None:
-        print(answer(session, options, args.prompt, args.system, tools))
+        shown = Shown(sys.stdout.isatty())
+        reasoning, reply = answer(session, options, args.prompt, args.system, tools)
+        shown.add([(REASONING, reasoning), (ANSWER, reply)])
+        shown.end()
+        print(flush=True)
         return 0
     return chat(session, options, args.system, tools)
 
@@ -235,6 +246,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise InferError("give --input_file (predict, then score) or --predictions (score a file), not both")
     if args.predictions and not (args.eval or args.compare):
         raise InferError("--predictions is scored with --eval or --compare")
+    if args.score_reasoning and not (args.eval or args.compare):
+        raise InferError("--score_reasoning goes with --eval or --compare")
     if (args.eval or args.compare) and not (args.predictions or args.input_file):
         raise InferError("--eval and --compare need --predictions FILE or --input_file (predicted first)")
     if args.input_file and not args.output_file:

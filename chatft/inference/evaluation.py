@@ -1,5 +1,9 @@
 """Batch prediction of data files, ROUGE/BLEU scores of predictions, and the before/after comparison of two
-prediction files."""
+prediction files.
+
+A reasoning model's prediction is split (chatft.inference.reasoning) into `reasoning` and `answer`; the scores are
+the answer's against the reference answer, and, only when asked (score_reasoning), the reasoning's against the
+record's own reasoning."""
 
 from __future__ import annotations
 
@@ -18,9 +22,13 @@ from chatft.data.templates import Template, TemplateError, tool_call_text
 from chatft.inference.common import InferError, one_line, to_stderr
 from chatft.inference.generation import GenerationOptions, decode, generate, render_prompt
 from chatft.inference.loading import Session, stop_token_ids
+from chatft.inference.reasoning import prompt_opens_think, split_reasoning
 from chatft.metrics import METRIC_NAMES, score
 
-PREDICTION_FIELDS = ("file", "record", "prompt", "reference", "prediction")
+# prediction: all the model wrote; reasoning and answer: its two parts; reference(_reasoning): the record's ("" none)
+PREDICTION_FIELDS = (
+    "file", "record", "prompt", "reference", "reference_reasoning", "prediction", "reasoning", "answer"
+)  # fmt: skip
 
 
 @dataclass
@@ -30,6 +38,7 @@ class PromptItem:
     prompt: str
     ids: list[int]
     reference: str
+    reference_reasoning: str = ""
 
 
 def predict_file(
@@ -64,14 +73,24 @@ def predict_file(
 def predict_items(
     session: Session, options: GenerationOptions, items: list[PromptItem], batch_size: int
 ) -> Iterator[dict]:
-    """{"file", "record", "prompt", "reference", "prediction"} per item, generated in batches (progress bar)."""
+    """A row of PREDICTION_FIELDS per item, generated in batches (progress bar)."""
     from tqdm import tqdm
 
     with tqdm(total=len(items), desc="predicting", file=sys.stderr) as bar:
         for batch in _chunks(items, batch_size):
             for item, new_ids in zip(batch, generate(session, [i.ids for i in batch], options), strict=True):
-                row = {"file": item.file, "record": item.record, "prompt": item.prompt}
-                yield row | {"reference": item.reference, "prediction": decode(session, new_ids)}
+                text = decode(session, new_ids)
+                reasoning, answer = split_reasoning(text, prompt_opens_think(item.prompt))
+                yield {
+                    "file": item.file,
+                    "record": item.record,
+                    "prompt": item.prompt,
+                    "reference": item.reference,
+                    "reference_reasoning": item.reference_reasoning,
+                    "prediction": text,
+                    "reasoning": reasoning,
+                    "answer": answer,
+                }
             bar.update(len(batch))
 
 
@@ -88,7 +107,7 @@ def generation_scores(
     session = Session(model, tokenizer, template, False, stops, str(model.device))
     items, _ = prompt_items(session, records)
     rows = list(predict_items(session, GenerationOptions(max_new_tokens), items, batch_size))
-    return score([r["prediction"] for r in rows], [r["reference"] for r in rows])
+    return score_rows(rows)
 
 
 def prompt_items(
@@ -102,7 +121,8 @@ def prompt_items(
         except TemplateError as e:
             problems.append(f"{file}:{line}: {e}")
             continue
-        items.append(PromptItem(file, line, text, ids, reference))
+        reasoning = conv.messages[len(prompt_conv.messages)].reasoning or ""  # the answer's own
+        items.append(PromptItem(file, line, text, ids, reference, reasoning))
     return items, problems
 
 
@@ -149,16 +169,46 @@ def read_predictions(path: str) -> list[dict]:
     return rows
 
 
+def answer_of(row: dict) -> str:
+    """What is scored of a prediction row: its answer (a file written before rows had one: its prediction)."""
+    answer = row.get("answer")
+    return answer if isinstance(answer, str) else row["prediction"]
+
+
 def score_rows(rows: list[dict]) -> dict[str, float]:
-    return score([r["prediction"] for r in rows], [r["reference"] for r in rows])
+    """ROUGE/BLEU of the answers against the reference answers."""
+    return score([answer_of(r) for r in rows], [r["reference"] for r in rows])
 
 
-def evaluate_files(predictions: str, base_predictions: str | None, metrics_file: str | None) -> int:
-    """Score a predictions file (and print the before/after comparison with base_predictions); the scores go
-    to stdout and, as JSON, to metrics_file (default <predictions>.metrics.json)."""
+def reasoning_rows(rows: list[dict], path: str) -> list[dict]:
+    """The rows whose record has reasoning, for --score_reasoning."""
+    kept = [
+        r for r in rows if isinstance(r.get("reference_reasoning"), str) and r["reference_reasoning"].strip()
+    ]
+    if not kept:
+        raise InferError(
+            f"--score_reasoning: no row of {path} has a reference_reasoning (the record's reasoning)"
+        )
+    return kept
+
+
+def score_reasoning_rows(rows: list[dict]) -> dict[str, float]:
+    """ROUGE/BLEU of the predicted reasoning against the records' reasoning."""
+    return score([r.get("reasoning") or "" for r in rows], [r["reference_reasoning"] for r in rows])
+
+
+def evaluate_files(
+    predictions: str, base_predictions: str | None, metrics_file: str | None, score_reasoning: bool = False
+) -> int:
+    """Score a predictions file's answers (and print the before/after comparison with base_predictions), and
+    with score_reasoning its reasoning too (rows whose record has reasoning); the scores go to stdout and, as
+    JSON, to metrics_file (default <predictions>.metrics.json)."""
     rows = read_predictions(predictions)
     scores = score_rows(rows)
     result: dict[str, Any] = {"predictions": predictions, "records": len(rows), "scores": scores}
+    thought = reasoning_rows(rows, predictions) if score_reasoning else []
+    if thought:
+        result["reasoning"] = {"records": len(thought), "scores": score_reasoning_rows(thought)}
     if base_predictions:
         base_rows = read_predictions(base_predictions)
         check_same_records(base_rows, rows, base_predictions, predictions)
@@ -166,8 +216,15 @@ def evaluate_files(predictions: str, base_predictions: str | None, metrics_file:
         print(comparison_table(base_rows, rows, _terminal_width()))
         print(scores_side_by_side(base_scores, scores))
         result["base"] = {"predictions": base_predictions, "scores": base_scores}
+        if thought:
+            base_thought = score_reasoning_rows(reasoning_rows(base_rows, base_predictions))
+            result["base"]["reasoning"] = {"scores": base_thought}
+            print(f"reasoning, over {len(thought)} record(s) with reasoning:")
+            print(scores_side_by_side(base_thought, result["reasoning"]["scores"]))
     else:
         print(format_scores(scores, len(rows)))
+        if thought:
+            print(format_scores(result["reasoning"]["scores"], len(thought), "reasoning scores"))
     target = Path(metrics_file or f"{predictions}.metrics.json")
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -185,8 +242,8 @@ def check_same_records(base: list[dict], tuned: list[dict], base_path: str, tune
             )
 
 
-def format_scores(scores: dict[str, float], records: int) -> str:
-    lines = [f"scores over {records} record(s):"]
+def format_scores(scores: dict[str, float], records: int, what: str = "scores") -> str:
+    lines = [f"{what} over {records} record(s):"]
     lines += [f"  {name:<8} {scores[name]:8.4f}" for name in METRIC_NAMES]
     return "\n".join(lines)
 
@@ -205,7 +262,7 @@ def comparison_table(base: list[dict], tuned: list[dict], width: int = 100) -> s
     for i, (a, b) in enumerate(zip(base, tuned, strict=True), start=1):
         where = f"{b.get('file', '?')}:{b.get('record', '?')}"
         rows = [("prompt", b.get("prompt", "")), ("reference", b["reference"])]
-        rows += [("base", a["prediction"]), ("tuned", b["prediction"])]
+        rows += [("base", answer_of(a)), ("tuned", answer_of(b))]
         lines = [f"[{i}] {where}"] + [f"  {label:<10}| {shorten(text, text_width)}" for label, text in rows]
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)

@@ -15,12 +15,14 @@ from typing import Any
 from chatft.data.schema import Conversation, Message
 from chatft.data.templates import (
     NATIVE_TEMPLATES,
+    Template,
     TemplateError,
     render_generation_prompt,
     with_prefix_tokens,
 )
 from chatft.inference.common import to_stderr
 from chatft.inference.loading import Session
+from chatft.inference.reasoning import prompt_opens_think, split_reasoning
 
 
 @dataclass
@@ -43,13 +45,16 @@ class Generated:
     stopped: bool
 
 
-def render_prompt(session: Session, conv: Conversation) -> tuple[str, list[int]]:
-    """(the text the tokenizer encodes, the ids) of a conversation that ends where the model answers."""
+def render_prompt(
+    session: Session, conv: Conversation, template: Template | None = None
+) -> tuple[str, list[int]]:
+    """(the text the tokenizer encodes, the ids) of a conversation that ends where the model answers; template:
+    the session's own unless given (the server's per-request chat_template_kwargs)."""
     tokenizer = session.tokenizer
     if conv.raw:
         text = conv.messages[-1].content
         return text, with_prefix_tokens(tokenizer, text)
-    template = session.template
+    template = template or session.template
     if template is None:
         raise TemplateError(
             "the tokenizer has no chat template and this record is a chat: choose one with --template "
@@ -213,11 +218,12 @@ def answer(
     prompt: str,
     system: str | None = None,
     tools: list | None = None,
-) -> str:
+) -> tuple[str, str]:
+    """(reasoning, answer) to one prompt (reasoning "" when the model wrote none: chatft.inference.reasoning)."""
     conv = conversation_for(session, [Message("user", prompt)], system, tools)
     text, ids = render_prompt(session, conv)
     print_prompt(session, text)
-    return decode(session, generate(session, [ids], options)[0])
+    return split_reasoning(decode(session, generate(session, [ids], options)[0]), prompt_opens_think(text))
 
 
 def print_prompt(session: Session, text: str) -> None:

@@ -2,7 +2,9 @@
 a 4xx in OpenAI's error shape, so that nothing a client sends gets a 500 or a traceback), and the answers
 written back (a chat.completion, or chat.completion.chunk events).
 
-The messages are read as training reads an OpenAI record, and the prompt rendered as in training.
+The messages are read as training reads an OpenAI record, and the prompt rendered as in training, with the
+request's chat_template_kwargs (vLLM's field) over the model's own. A reasoning model's reasoning goes back apart
+from its answer, as vLLM and DeepSeek's API send it: message.reasoning_content, streamed as delta.reasoning_content.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from typing import Any
 
 from chatft.data.formats import _openai_message
 from chatft.data.schema import Conversation, Message, RecordError
-from chatft.data.templates import TemplateError
+from chatft.data.templates import Template, TemplateError, parse_chat_template_kwargs
 from chatft.inference.generation import GenerationOptions, render_prompt
 from chatft.inference.loading import Session
+from chatft.inference.reasoning import prompt_opens_think
 
 MAX_BODY = 4 << 20  # bytes of one request
 
@@ -69,6 +72,9 @@ class ChatRequest:
     seed: int | None = None
     stream: bool = False
     include_usage: bool = False
+    opened: bool = (
+        False  # the prompt opened a think block (DeepSeek-R1): the answer starts inside the reasoning
+    )
 
     @property
     def template_name(self) -> str | None:
@@ -109,8 +115,9 @@ def parse_chat_request(body: Any, models: dict[str, Session], limits: Limits) ->
         raise ApiError(400, "n: only 1 answer per request is supported", "n")
     tools = _tools(body, session)
     conv = _conversation(body.get("messages"), tools, session)
+    template = _template(body, session)
     try:
-        _, ids = render_prompt(session, conv)
+        text, ids = render_prompt(session, conv, template)
     except TemplateError as e:
         raise ApiError(400, f"messages: {e}", "messages") from e
     options = _sampling(body, limits)
@@ -122,7 +129,16 @@ def parse_chat_request(body: Any, models: dict[str, Session], limits: Limits) ->
     include_usage = stream_options.get("include_usage", False) is True
     seed = _typed(body, "seed", int, None)
     return ChatRequest(
-        name, session, ids, options, _stop(body), tools is not None, seed, stream, include_usage
+        name,
+        session,
+        ids,
+        options,
+        _stop(body),
+        tools is not None,
+        seed,
+        stream,
+        include_usage,
+        prompt_opens_think(text),
     )
 
 
@@ -151,6 +167,30 @@ def _tools(body: dict, session: Session) -> list | None:
     if session.raw:
         raise ApiError(400, "tools: this model answers raw prompts (trained on input-output data)", "tools")
     return tools
+
+
+def _template(body: dict, session: Session) -> Template | None:
+    """The model's template with the request's chat_template_kwargs over its own (checked as
+    --chat_template_kwargs is); None: the model's own."""
+    given = body.get("chat_template_kwargs")
+    if given is None:
+        return None
+    if isinstance(given, str):  # the command line's JSON text is no request's form
+        raise ApiError(400, "chat_template_kwargs: must be an object", "chat_template_kwargs")
+    try:
+        kwargs = parse_chat_template_kwargs(given)
+    except ValueError as e:
+        message = str(e).replace("--chat_template_kwargs", "chat_template_kwargs")
+        raise ApiError(400, message, "chat_template_kwargs") from None
+    if not kwargs:
+        return None
+    if session.raw or session.template is None:
+        raise ApiError(
+            400,
+            "chat_template_kwargs: this model answers raw prompts (no chat template)",
+            "chat_template_kwargs",
+        )
+    return replace(session.template, kwargs={**session.template.kwargs, **kwargs})
 
 
 def _conversation(messages: Any, tools: list | None, session: Session) -> Conversation:
@@ -279,9 +319,14 @@ class Reply:
     created: int
     model: str
 
-    def completion(self, content: str, calls: list[dict], finish: str, usage: dict) -> dict:
-        """The chat.completion of a whole answer; content null when the answer is only tool calls."""
+    def completion(
+        self, content: str, calls: list[dict], finish: str, usage: dict, reasoning: str = ""
+    ) -> dict:
+        """The chat.completion of a whole answer; content null when the answer is only tool calls;
+        reasoning_content when the model reasoned."""
         message: dict[str, Any] = {"role": "assistant", "content": content or (None if calls else "")}
+        if reasoning:
+            message["reasoning_content"] = reasoning
         if calls:
             message["tool_calls"] = calls
         choice = {"index": 0, "message": message, "finish_reason": finish, "logprobs": None}

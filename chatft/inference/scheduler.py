@@ -5,6 +5,8 @@
   a batch of 8 answers generates about 3x the tokens per second of one at a time (bench/serve.py).
 - At most max_queue requests are admitted (generating and waiting); one more is refused with Busy.
 - A client that disconnects stops its generation at the next token; a waiting one leaves the queue at once.
+- Each answer is split as it comes into reasoning and answer (reasoning.ReasoningStream); the answer alone goes
+  through StreamText: stop strings end it, and tool calls are looked for in it (after a think block too).
 
 The event loop (the web app) and the generation thread share the queue under `wake`; everything a job's
 client reads (its pieces, the end of it) goes back to the event loop through call_soon_threadsafe.
@@ -23,6 +25,7 @@ from typing import Any
 from chatft.inference.common import to_stderr
 from chatft.inference.generation import Follow, Generated, generate_rows
 from chatft.inference.openai_schema import ChatRequest, Limits
+from chatft.inference.reasoning import ANSWER, ReasoningStream
 from chatft.inference.streaming import StreamText
 from chatft.inference.toolcalls import held_for_calls, parse_tool_calls
 
@@ -32,13 +35,15 @@ CONCURRENT_S = 5.0  # for how long after two requests were admitted at once batc
 
 @dataclass
 class Job:
-    """A request admitted: its pieces of text go to `pieces` (then None), `cancel` stops it."""
+    """A request admitted: its pieces go to `pieces` as (field, text), the field "reasoning_content" or "content"
+    (then None); `cancel` stops it. thinking: the whole text split as it comes; text: the answer part."""
 
     request: ChatRequest
     pieces: asyncio.Queue
     loop: asyncio.AbstractEventLoop
     arrived: float = 0.0
     cancel: threading.Event = field(default_factory=threading.Event)
+    thinking: ReasoningStream | None = None
     text: StreamText | None = None
     result: Generated | None = None
     started: float = 0.0
@@ -57,15 +62,26 @@ class Job:
             r.options.max_time,
         )
 
-    def answer(self) -> tuple[str, list[dict], str]:
-        """(content, tool_calls, finish_reason) of a finished job."""
+    def feed(self, piece: str, final: bool = False) -> None:
+        """(generation thread) A piece of the answer: what of its reasoning and of its answer may go out now
+        goes to the client (final: the answer is complete, nothing is held back for the split)."""
+        for kind, part in self.thinking.feed(piece, final):
+            field_name = "reasoning_content"
+            if kind == ANSWER:
+                part, field_name = self.text.feed(part), "content"
+            if part:
+                self.loop.call_soon_threadsafe(self.pieces.put_nowait, (field_name, part))
+
+    def answer(self) -> tuple[str, list[dict], str, str]:
+        """(content, tool_calls, finish_reason, reasoning) of a finished job."""
         text = self.text.text if self.text else ""
+        reasoning = self.thinking.whole()[0] if self.thinking else ""
         if self.request.tools:
             content, calls = parse_tool_calls(text, self.request.template_name)
             if calls:
-                return content, calls, "tool_calls"
+                return content, calls, "tool_calls", reasoning
         finished = self.result is not None and (self.result.stopped or self.text.stopped)
-        return text.strip(), [], "stop" if finished else "length"
+        return text.strip(), [], "stop" if finished else "length", reasoning
 
     def usage(self) -> dict:
         prompt, completion = len(self.request.prompt_ids), self.result.produced if self.result else 0
@@ -218,21 +234,20 @@ class Scheduler:
         finally:
             self.generating = 0
         for job, result in zip(batch, results, strict=True):
+            job.feed("", final=True)  # what the split held back
             job.result, job.started, job.finished = result, started, time.monotonic()
 
     @staticmethod
     def _follow(job: Job) -> Follow:
-        """How the generation follows the job: its own token cap, its text streamed (through StreamText, which
-        holds back stop strings and tool calls) to its event loop, its end when cancelled or stopped."""
+        """How the generation follows the job: its own token cap, its text split into reasoning and answer and
+        streamed (the answer through StreamText, which holds back stop strings and tool calls) to its event loop,
+        its end when cancelled or stopped."""
         request = job.request
         hold, hold_all = held_for_calls(request.template_name) if request.tools else ([], False)
+        job.thinking = ReasoningStream(request.opened)
         job.text = StreamText(request.stop, hold, hold_all)
-
-        def on_text(piece: str) -> None:
-            if out := job.text.feed(piece):
-                job.loop.call_soon_threadsafe(job.pieces.put_nowait, out)
 
         def stop_when() -> bool:
             return job.cancel.is_set() or job.text.stopped
 
-        return Follow(request.options.max_new_tokens, on_text, stop_when)
+        return Follow(request.options.max_new_tokens, job.feed, stop_when)

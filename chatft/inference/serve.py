@@ -8,7 +8,7 @@ exactly as inference.py loads it and prompted exactly as it was trained. This mo
 - toolcalls.py: tool calls read back from an answer.
 
 Endpoints: GET /v1/models, POST /v1/chat/completions (messages, tools, stream, max_tokens, temperature, top_p,
-stop, seed; usage counts), GET /health, and the chat page at /.
+stop, seed, chat_template_kwargs; usage counts), GET /health, and the chat page at /.
 
 - A generation is capped in tokens (max_new_tokens, also the most a request may ask for) and in time
   (max_time: the answer is cut, finish_reason "length"). At most max_queue requests are admitted; one more
@@ -20,7 +20,10 @@ stop, seed; usage counts), GET /health, and the chat page at /.
 
 Sampling: temperature 0 is greedy; a request that gives no temperature and no top_p decodes as the server was
 started (greedy unless --do_sample). Tools are rendered as in training; a call the model writes in its trained
-form (`<tool_call>` JSON, or ChatGLM3's `tool_call(...)` block) comes back as `tool_calls`.
+form (`<tool_call>` JSON, or ChatGLM3's `tool_call(...)` block) comes back as `tool_calls`, after a think block
+too. A reasoning model's reasoning (reasoning.py) comes back apart: `message.reasoning_content`, streamed as
+`delta.reasoning_content` before the answer's `delta.content`, as vLLM and DeepSeek's API send it; a request's
+`chat_template_kwargs` (e.g. {"enable_thinking": false}) reach its prompt's rendering.
 """
 
 from __future__ import annotations
@@ -203,19 +206,22 @@ class Server:
             self.scheduler.release(job)  # the answer is over, or its client left
         if job.result is None:
             raise ApiError(500, "the generation failed", kind="server_error")
-        return reply.completion(*job.answer(), job.usage())
+        content, calls, finish, reasoning = job.answer()
+        return reply.completion(content, calls, finish, job.usage(), reasoning)
 
     async def _events(self, job: Job, reply: Reply) -> AsyncIterator[str]:
-        """The answer as server-sent events: the role, the text as it may be streamed, then what was held back
-        (tool calls, or text that turned out plain), the finish reason, the usage if asked, [DONE]."""
+        """The answer as server-sent events: the role, the reasoning (delta.reasoning_content) and the text as
+        they may be streamed, then what was held back (tool calls, or text that turned out plain), the finish
+        reason, the usage if asked, [DONE]."""
         try:
             yield reply.chunk({"role": "assistant", "content": ""})
             while (piece := await job.pieces.get()) is not None:
-                yield reply.chunk({"content": piece})
+                field_name, text = piece
+                yield reply.chunk({field_name: text})
             if job.result is None:
                 yield event(ApiError(500, "the generation failed", kind="server_error").body())
                 return
-            content, calls, finish = job.answer()
+            content, calls, finish, _ = job.answer()
             if calls:
                 delta = {"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]}
                 yield reply.chunk(delta | ({"content": content} if content and not job.text.sent else {}))

@@ -364,7 +364,7 @@ def prepare_data(
 # the on-disk cache
 
 CACHE_FORMAT = 3  # bump when what is stored changes shape
-_DATA_CODE = ("formats.py", "templates.py", "schema.py", "dataset.py")
+_DATA_CODE = ("files.py", "fields.py", "readers.py", "formats.py", "templates.py", "schema.py", "dataset.py")
 
 
 def cache_key(

@@ -364,7 +364,18 @@ def prepare_data(
 # the on-disk cache
 
 CACHE_FORMAT = 3  # bump when what is stored changes shape
-_DATA_CODE = ("files.py", "fields.py", "readers.py", "formats.py", "templates.py", "schema.py", "dataset.py")
+_DATA_CODE = (  # the modules whose code makes the prepared data
+    "schema.py",
+    "files.py",
+    "fields.py",
+    "readers.py",
+    "formats.py",
+    "rendering.py",
+    "history.py",
+    "labels.py",
+    "templates.py",
+    "dataset.py",
+)
 
 
 def cache_key(

@@ -18,14 +18,13 @@ from chatft.data.convert import (
     dedup,
     parse_renames,
     prompt_key,
-    react_thought,
     rename_keys,
     rendering_notes,
     split,
     to_record,
-    tool_alpaca_entry,
 )
 from chatft.data.formats import FORMAT_NAMES, load_conversations, parse_record
+from chatft.data.formatters import react_thought, tool_alpaca_entry
 from chatft.data.schema import Conversation, Message, RecordError, ToolCall
 
 REPO = Path(__file__).resolve().parent.parent

@@ -1,14 +1,8 @@
-"""Writers (the inverse of the readers in formats.py) and the data construction tools built on them:
-scripts/convert_data.py, split_data.py, format_advertise_gen.py and format_tool_alpaca.py.
+"""The data tools scripts/convert_data.py and split_data.py, and what the data tools share: reading records with
+their keys renamed (--map) and validated, writing JSON lines or a JSON array, the located problems and exit status.
 
-`to_record(conv, fmt)` writes a Conversation as one record of `fmt`, and `parse_record(record, fmt)` reads back the
-same Conversation. Where `fmt` cannot express the conversation (tool calls in alpaca, several turns in input-output,
-a tool result without its tool's name in multi-turn, ...) it raises RecordError: nothing is dropped or changed
-silently. Two things follow the format rather than the conversation (`as_written` says exactly what reads back):
-- `raw`: input-output records are rendered without chat markup, every other format with the chat template;
-- a `loss` flag equal to the default (true on an assistant turn, false elsewhere) is left out where the format has
-  no per-message flags (input-output, alpaca, sharegpt, and multi-turn's observations): training is the same.
-  A flag that differs from the default there (an untrained assistant turn) cannot be expressed: RecordError.
+Writing a Conversation as a record of a format (to_record, as_written) is writers.py; the formatting of published
+data sets (format_advertise_gen.py, format_tool_alpaca.py) is formatters.py.
 """
 
 from __future__ import annotations
@@ -16,10 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 import sys
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,280 +22,33 @@ from chatft.data.formats import (
     LoadedData,
     expand_paths,
     load_file,
-    parse_record,
     read_records,
 )
-from chatft.data.schema import Conversation, Message, Problem, RecordError, ToolCall
+from chatft.data.schema import Conversation, Problem, RecordError
+from chatft.data.writers import as_written, to_record
+
+__all__ = [
+    "EXIT_INVALID",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "ReadData",
+    "as_written",
+    "convert_data_main",
+    "convert_records",
+    "dedup",
+    "parse_renames",
+    "prompt_key",
+    "read_valid",
+    "rename_keys",
+    "rendering_notes",
+    "split",
+    "split_data_main",
+    "to_record",
+    "write_records",
+]
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 T = TypeVar("T")
-
-_JSON_TYPES = {type(None): "null", bool: "bool", int: "int", float: "float", str: "string", list: "list"}
-
-
-def _json_type(value: Any) -> str:
-    return "object" if isinstance(value, dict) else _JSON_TYPES.get(type(value), type(value).__name__)
-
-
-def _json_error(error: Exception) -> str:
-    if isinstance(error, json.JSONDecodeError):
-        return f"invalid JSON: {error.msg} (column {error.colno})"
-    if isinstance(error, RecursionError):
-        return "invalid JSON: nested too deeply"
-    return f"invalid JSON: {error}"
-
-
-# ---------------------------------------------------------------------------------------------------- writers
-
-
-def _cannot(fmt: str, message: str) -> RecordError:
-    return RecordError(f"(to {fmt})", message)
-
-
-def _which(index: int, message: Message) -> str:
-    return f"message {index + 1} ({message.role})"
-
-
-def _has_loss_flag(fmt: str, message: Message) -> bool:
-    """Whether records of `fmt` have a place for this message's `loss`."""
-    return fmt == "openai" or (fmt == "multi-turn" and message.role != "tool")
-
-
-def as_written(conv: Conversation, fmt: str) -> Conversation:
-    """The conversation that `parse_record(to_record(conv, fmt), fmt)` gives: `raw` as `fmt` renders it, and loss
-    flags equal to the default left out where `fmt` has no place for them. RecordError for a flag that differs."""
-    messages = []
-    for i, m in enumerate(conv.messages):
-        if m.loss is None or _has_loss_flag(fmt, m):
-            messages.append(m)
-        elif m.loss == (m.role == "assistant"):
-            messages.append(replace(m, loss=None))
-        elif m.role == "assistant":
-            raise _cannot(fmt, f"{_which(i, m)} has loss: false; {fmt} cannot mark a turn untrained")
-        else:
-            raise _cannot(fmt, f"{_which(i, m)} has loss: true; {fmt} has no loss flag there")
-    return Conversation(messages, tools=conv.tools, raw=fmt == "input-output")
-
-
-def to_record(conv: Conversation, fmt: str) -> dict:
-    """`conv` as one record of `fmt` (a format of FORMAT_NAMES). Raises RecordError, field `(to FMT)`, where `fmt`
-    cannot express it; the record is checked to read back as `as_written(conv, fmt)`."""
-    writer = _WRITERS.get(fmt)
-    if writer is None:
-        raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMAT_NAMES)}")
-    expected = as_written(conv, fmt)
-    record = writer(expected)
-    try:
-        back = parse_record(record, fmt)
-    except RecordError as e:
-        raise _cannot(fmt, f"the written record would be invalid: {e.field}: {e.message}") from None
-    if back != expected:
-        raise _cannot(fmt, "the written record would read back as a different conversation")
-    return record
-
-
-def _with_loss(item: dict, loss: bool | None) -> dict:
-    return item if loss is None else {**item, "loss": loss}
-
-
-def _with_tools(body: dict, tools: Any) -> dict:
-    return body if tools is None else {"tools": tools, **body}
-
-
-def _with_reasoning(item: dict, reasoning: str | None) -> dict:
-    return item if reasoning is None else {**item, "reasoning_content": reasoning}
-
-
-def _think_text(message: Message) -> str:
-    """An assistant's text with its reasoning as a leading <think> block (alpaca, sharegpt)."""
-    if message.reasoning is None:
-        return message.content
-    return f"<think>\n{message.reasoning}\n</think>\n\n{message.content}"
-
-
-def _write_multi_turn(conv: Conversation) -> dict:
-    turns: list[dict] = []
-    messages = conv.messages
-    i = 0
-    while i < len(messages):
-        m = messages[i]
-        if m.role == "tool":
-            raise _cannot(
-                "multi-turn",
-                f"{_which(i, m)} does not follow a tool call; multi-turn writes a call and its result as one tool turn",
-            )
-        if not m.tool_calls:
-            turns.append(
-                _with_loss(_with_reasoning({"role": m.role, "content": m.content}, m.reasoning), m.loss)
-            )
-            i += 1
-            continue
-        result = messages[i + 1] if i + 1 < len(messages) else None
-        call = _multi_turn_call(i, m, result)
-        item = {
-            "role": "tool",
-            "name": call.name,
-            "parameters": call.arguments,
-            "observation": result.content,
-        }
-        turns.append(_with_loss(_with_reasoning(item, m.reasoning), m.loss))
-        i += 2
-    return _with_tools({"conversations": turns}, conv.tools)
-
-
-def _multi_turn_call(index: int, message: Message, result: Message | None) -> ToolCall:
-    """The one call of a multi-turn tool turn: one call, no text, followed by its result under the same name."""
-    which = _which(index, message)
-    if len(message.tool_calls) != 1:
-        raise _cannot(
-            "multi-turn", f"{which} has {len(message.tool_calls)} tool calls; a tool turn holds one"
-        )
-    if message.content:
-        raise _cannot("multi-turn", f"{which} has text and a tool call; a multi-turn tool turn has no text")
-    call = message.tool_calls[0]
-    if result is None or result.role != "tool":
-        raise _cannot("multi-turn", f"{which} is a tool call without its result; a tool turn holds both")
-    if result.name != call.name:
-        got = "has no name" if result.name is None else f"is named {result.name!r}"
-        raise _cannot(
-            "multi-turn",
-            f"message {index + 2} (tool) answers the call to {call.name!r} in message {index + 1} but {got}; "
-            "a multi-turn tool turn has one name for both",
-        )
-    return call
-
-
-def _write_input_output(conv: Conversation) -> dict:
-    roles = [m.role for m in conv.messages]
-    if roles != ["user", "assistant"]:
-        raise _cannot(
-            "input-output",
-            f"input-output holds one prompt and one response; got {len(roles)} messages ({', '.join(roles)})",
-        )
-    if conv.tools is not None:
-        raise _cannot("input-output", "input-output has no tools")
-    prompt, response = conv.messages
-    if response.tool_calls:
-        raise _cannot("input-output", "the response is a tool call; input-output has no tool calls")
-    if response.reasoning is not None:
-        raise _cannot("input-output", "the response has reasoning; input-output responses are raw text")
-    return {"prompt": prompt.content, "response": response.content}
-
-
-def _write_openai(conv: Conversation) -> dict:
-    """OpenAI's shape: arguments as JSON strings, call ids, tool results named and linked by tool_call_id."""
-    messages: list[dict] = []
-    pending: list[tuple[str, str]] = []  # (call id, tool name) of the calls not answered yet
-    count = 0
-    for m in conv.messages:
-        item: dict[str, Any] = {"role": m.role, "content": m.content}
-        if m.tool_calls:
-            calls = []
-            for call in m.tool_calls:
-                count += 1
-                pending.append((f"call_{count}", call.name))
-                arguments = json.dumps(call.arguments, ensure_ascii=False)
-                function = {"name": call.name, "arguments": arguments}
-                calls.append({"id": f"call_{count}", "type": "function", "function": function})
-            item = {"role": m.role, "content": m.content or None, "tool_calls": calls}
-        if m.role == "tool" and m.name is not None:
-            answered = next((p for p in pending if p[1] == m.name), None)
-            link = {}
-            if answered is not None:
-                pending.remove(answered)
-                link = {"tool_call_id": answered[0]}
-            item = {"role": "tool", **link, "name": m.name, "content": m.content}
-        messages.append(_with_loss(_with_reasoning(item, m.reasoning), m.loss))
-    return _with_tools({"messages": messages}, conv.tools)
-
-
-def _write_alpaca(conv: Conversation) -> dict:
-    """{instruction, output, system?, history?}; the whole prompt goes into `instruction` (no `input`)."""
-    if conv.tools is not None:
-        raise _cannot("alpaca", "alpaca has no tools")
-    for i, m in enumerate(conv.messages):
-        if m.tool_calls or m.role == "tool":
-            what = "has tool calls" if m.tool_calls else "is a tool result"
-            raise _cannot("alpaca", f"{_which(i, m)} {what}; alpaca has no tool calls")
-    messages = conv.messages
-    record: dict[str, Any] = {}
-    start = 0
-    if messages and messages[0].role == "system":
-        if not messages[0].content.strip():
-            raise _cannot(
-                "alpaca", "message 1 (system) is empty; alpaca has no place for an empty system message"
-            )
-        record["system"] = messages[0].content
-        start = 1
-    pairs = _alpaca_pairs(messages, start)
-    record = {"instruction": pairs[-1][0], "output": pairs[-1][1], **record}
-    if len(pairs) > 1:
-        record["history"] = [list(pair) for pair in pairs[:-1]]
-    return record
-
-
-def _alpaca_pairs(messages: list[Message], start: int) -> list[tuple[str, str]]:
-    pairs = []
-    for i in range(start, len(messages), 2):
-        question = messages[i]
-        answer = messages[i + 1] if i + 1 < len(messages) else None
-        if question.role != "user" or answer is None or answer.role != "assistant":
-            raise _cannot(
-                "alpaca",
-                f"alpaca holds [question, answer] pairs: message {i + 1} must be a user message followed by an "
-                f"assistant reply (roles: {', '.join(m.role for m in messages)})",
-            )
-        pairs.append((question.content, _think_text(answer)))
-    if not pairs:
-        raise _cannot("alpaca", "alpaca needs a user message and an assistant reply")
-    return pairs
-
-
-def _write_sharegpt(conv: Conversation) -> dict:
-    """{conversations: [{from, value}], system?, tools? (a JSON string, as LLaMA-Factory has it)}."""
-    turns: list[dict] = []
-    system = None
-    for i, m in enumerate(conv.messages):
-        if m.role == "system" and i == 0 and m.content.strip():
-            system = m.content
-        elif m.role == "system":
-            turns.append({"from": "system", "value": m.content})
-        elif m.role == "user":
-            turns.append({"from": "human", "value": m.content})
-        elif m.role == "tool":
-            if m.name is not None:
-                raise _cannot(
-                    "sharegpt", f"{_which(i, m)} is named {m.name!r}; sharegpt observations have no name"
-                )
-            turns.append({"from": "observation", "value": m.content})
-        elif m.tool_calls:
-            if m.content or m.reasoning is not None:
-                raise _cannot(
-                    "sharegpt",
-                    f"{_which(i, m)} has {'text' if m.content else 'reasoning'} and tool calls; a function_call "
-                    "turn has neither",
-                )
-            calls = [{"name": c.name, "arguments": c.arguments} for c in m.tool_calls]
-            value = json.dumps(calls[0] if len(calls) == 1 else calls, ensure_ascii=False)
-            turns.append({"from": "function_call", "value": value})
-        else:
-            turns.append({"from": "gpt", "value": _think_text(m)})
-    record: dict[str, Any] = {"conversations": turns}
-    if system is not None:
-        record["system"] = system
-    if conv.tools is not None:
-        record["tools"] = json.dumps(conv.tools, ensure_ascii=False)
-    return record
-
-
-_WRITERS: dict[str, Callable[[Conversation], dict]] = {
-    "multi-turn": _write_multi_turn,
-    "input-output": _write_input_output,
-    "openai": _write_openai,
-    "alpaca": _write_alpaca,
-    "sharegpt": _write_sharegpt,
-}
-
 
 # ---------------------------------------------------------------------------------------------------- files
 
@@ -579,208 +325,3 @@ def split_data_main(argv: list[str] | None = None) -> int:
     )
     print(f"wrote {args.train_out} and {args.test_out}")
     return EXIT_INVALID if data.invalid else EXIT_OK
-
-
-# ---------------------------------------------------------------------------------------------------- format scripts
-
-
-@dataclass
-class Formatted:
-    records: list[dict] = field(default_factory=list)
-    problems: list[Problem] = field(default_factory=list)
-    read: int = 0
-
-    @property
-    def invalid(self) -> int:
-        return self.read - len(self.records)
-
-
-def advertise_gen_record(raw: Any) -> dict:
-    """An AdvertiseGen line {"content", "summary"} as an input-output record {"prompt", "response"}."""
-    if isinstance(raw, dict):
-        missing = next((key for key in ("content", "summary") if key not in raw), None)
-        if missing:
-            raise RecordError(missing, "missing")
-        raw = {"content": raw["content"], "summary": raw["summary"]}
-    return to_record(parse_record(raw, "input-output"), "input-output")
-
-
-def format_advertise_gen(path: Path) -> Formatted:
-    out = Formatted()
-    for item in read_records(path):
-        out.read += 1
-        if isinstance(item, Problem):
-            out.problems.append(item)
-            continue
-        line, raw = item
-        try:
-            out.records.append(advertise_gen_record(raw))
-        except RecordError as e:
-            out.problems.append(Problem(str(path), line, e.field, e.message))
-    return out
-
-
-def react_thought(log: str) -> str:
-    """The thought of a ReAct log: the text before `Action:`, without a leading `Thought:` label. ToolAlpaca's logs
-    prefix lines with the speaker (`ASSISTANT Thought: ...\\nASSISTANT Action: ...`): that label goes too."""
-    thought = log.split("Action:", 1)[0]
-    thought = re.sub(r"(?:^|\n)[ \t]*ASSISTANT[ \t]*$", "", thought)
-    return re.sub(r"^\s*(?:ASSISTANT\s+)?Thought\s*:", "", thought).strip()
-
-
-def _get(obj: dict, key: str, path: str, kind: type, what: str) -> Any:
-    if key not in obj:
-        raise RecordError(path, "missing")
-    if not isinstance(obj[key], kind):
-        raise RecordError(path, f"must be {what}, got {_json_type(obj[key])}")
-    return obj[key]
-
-
-def _text(obj: dict, key: str, path: str) -> str:
-    text = _get(obj, key, path, str, "a string")
-    if not text.strip():
-        raise RecordError(path, "must not be empty")
-    return text
-
-
-def _shape(value: Any) -> str:
-    return f"a list of {len(value)}" if isinstance(value, list) else _json_type(value)
-
-
-def _tool_alpaca_step(step: Any, path: str) -> list[Message]:
-    """[[tool, tool_input (JSON string), react log], observation] -> the thought (if any), the call, its result."""
-    if not isinstance(step, list) or len(step) != 2:
-        raise RecordError(path, f"must be [[tool, tool_input, log], observation], got {_shape(step)}")
-    if not isinstance(step[0], list) or len(step[0]) != 3:
-        raise RecordError(f"{path}[0]", f"must be [tool, tool_input, log], got {_shape(step[0])}")
-    (name, tool_input, log), observation = step
-    for value, where in ((name, "[0][0]"), (tool_input, "[0][1]"), (log, "[0][2]"), (observation, "[1]")):
-        if not isinstance(value, str):
-            raise RecordError(path + where, f"must be a string, got {_json_type(value)}")
-    if not name.strip():
-        raise RecordError(f"{path}[0][0]", "must not be empty")
-    try:
-        parameters = json.loads(tool_input)
-    except (ValueError, RecursionError) as e:
-        raise RecordError(
-            f"{path}[0][1]", f"tool input must be a JSON object string; {_json_error(e)}"
-        ) from None
-    if not isinstance(parameters, dict):
-        raise RecordError(
-            f"{path}[0][1]", f"tool input must be a JSON object string, got JSON {_json_type(parameters)}"
-        )
-    thought = react_thought(log)
-    call = Message("assistant", "", tool_calls=[ToolCall(name, parameters)])
-    said = [Message("assistant", thought)] if thought else []
-    return [*said, call, Message("tool", observation, name=name)]
-
-
-def tool_alpaca_conversation(instance: Any, documentation: str, path: str = "instance") -> Conversation:
-    """One ToolAlpaca instance: tools [documentation], the question, per step the thought (left out when empty),
-    the call and its observation, and a final assistant turn `Final Thought + "\\n" + output`."""
-    if not isinstance(instance, dict):
-        raise RecordError(path, f"must be an object, got {_json_type(instance)}")
-    question = _text(instance, "input", f"{path}.input")
-    answer = _text(instance, "output", f"{path}.output")
-    final_thought = _get(instance, "Final Thought", f"{path}.Final Thought", str, "a string")
-    steps = _get(instance, "intermediate_steps", f"{path}.intermediate_steps", list, "a list")
-    messages = [Message("user", question)]
-    for k, step in enumerate(steps):
-        messages += _tool_alpaca_step(step, f"{path}.intermediate_steps[{k}]")
-    final = f"{final_thought}\n{answer}" if final_thought.strip() else answer
-    messages.append(Message("assistant", final))
-    return Conversation(messages, tools=[documentation])
-
-
-def tool_alpaca_entry(entry: Any) -> list[dict | RecordError]:
-    """A multi-turn record, or the RecordError that left it out, per instance of one API entry. An entry whose
-    instances cannot be listed (not an object, no Instances list) gives one RecordError."""
-    if not isinstance(entry, dict):
-        return [RecordError("(entry)", f"must be an object, got {_json_type(entry)}")]
-    try:
-        instances = _get(entry, "Instances", "Instances", list, "a list")
-    except RecordError as e:
-        return [e]
-    try:
-        documentation = _text(entry, "NLDocumentation", "NLDocumentation")
-    except RecordError as e:
-        return [e] * len(instances)
-    results: list[dict | RecordError] = []
-    for j, instance in enumerate(instances):
-        try:
-            conv = tool_alpaca_conversation(instance, documentation, f"Instances[{j}]")
-            results.append(to_record(conv, "multi-turn"))
-        except RecordError as e:
-            results.append(e)
-    return results
-
-
-def format_tool_alpaca(path: Path) -> Formatted:
-    """Every instance of every entry; `read` counts instances (an entry without an Instances list counts as one)."""
-    out = Formatted()
-    for item in read_records(path):
-        if isinstance(item, Problem):
-            out.problems.append(item)
-            out.read += 1
-            continue
-        line, entry = item
-        for result in tool_alpaca_entry(entry):
-            out.read += 1
-            if isinstance(result, RecordError):
-                out.problems.append(Problem(str(path), line, result.field, result.message))
-            else:
-                out.records.append(result)
-    return out
-
-
-def _format_main(
-    argv: list[str] | None, description: str, default_out: str, run: Callable[[Path], Formatted], unit: str
-) -> int:
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--path", required=True, help="the input file")
-    p.add_argument(
-        "--out",
-        default=default_out,
-        help="output JSON lines file (default: %(default)s, in the current directory)",
-    )
-    args = p.parse_args(argv)
-    if not Path(args.path).is_file():
-        return _usage_error(DataFileError(f"{args.path}: {_not_a_file(args.path)}"))
-    try:
-        out = run(Path(args.path))
-        write_records(out.records, args.out)
-    except OSError as e:
-        return _usage_error(e)
-    _print_problems(out.problems)
-    print(f"read {out.read} {unit}, written {len(out.records)}, invalid {out.invalid}")
-    print(f"wrote {args.out}")
-    return EXIT_INVALID if out.invalid else EXIT_OK
-
-
-def format_advertise_gen_main(argv: list[str] | None = None) -> int:
-    return _format_main(
-        argv,
-        "Format AdvertiseGen (JSON lines of {content, summary}) as input-output JSON lines {prompt, response}. "
-        "Bad lines are listed as FILE:LINE: field: problem and left out. "
-        "Exit status: 0 all formatted, 1 some lines invalid (the rest still written), 2 usage error.",
-        "formatted_data/advertise_gen.jsonl",
-        format_advertise_gen,
-        "records",
-    )
-
-
-def format_tool_alpaca_main(argv: list[str] | None = None) -> int:
-    return _format_main(
-        argv,
-        "Format ToolAlpaca (a JSON array of API entries {Name, NLDocumentation, Instances}) as multi-turn JSON "
-        "lines with tools: one conversation per instance (tools = [NLDocumentation]; the question; per step the "
-        "thought before 'Action:' (its 'Thought:' label removed, left out when empty) and a tool turn with name, "
-        "parameters and observation; then Final Thought + newline + output, or the output alone when Final "
-        "Thought is empty). Instances that cannot be formatted are listed as FILE:ENTRY: field: why (ENTRY: the "
-        "1-based element of the array; field e.g. Instances[1].intermediate_steps[0][0][1], 0-based) and left "
-        "out. "
-        "Exit status: 0 all formatted, 1 some instances invalid (the rest still written), 2 usage error.",
-        "formatted_data/tool_alpaca.jsonl",
-        format_tool_alpaca,
-        "instances",
-    )

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 WORK=${WORK:-output/grpo_walkthrough}
 N_TRAIN=${N_TRAIN:-300}
 N_HELDOUT=${N_HELDOUT:-48}
-SFT_STEPS=${SFT_STEPS:-60}
+SFT_STEPS=${SFT_STEPS:-40}
 GRPO_STEPS=${GRPO_STEPS:-40}
 GRPO_LR=${GRPO_LR:-2e-5}
 GENERATIONS=${GENERATIONS:-8}
@@ -24,8 +24,8 @@ echo "== 1. data: $N_TRAIN training and $N_HELDOUT held-out problems (other seed
 
 echo "== 2. LoRA SFT, $SFT_STEPS steps: the form of an answer"
 "$PYTHON" finetune.py --train_file "$WORK/train.jsonl" --output_dir "$WORK/sft" --max_steps "$SFT_STEPS" \
-  --per_device_train_batch_size 8 --learning_rate 1e-3 --lora_rank 16 --lora_alpha 32 --save_strategy no \
-  --logging_steps 10 --report_to none
+  --per_device_train_batch_size 8 --learning_rate 1e-3 --lora_rank 16 --lora_alpha 32 --max_seq_length 256 \
+  --save_strategy no --logging_steps 10 --report_to none
 
 echo "== 3. held-out answers and rewards after SFT"
 "$PYTHON" inference.py --adapter "$WORK/sft" --input_file "$WORK/heldout.jsonl" --output_file "$WORK/sft_heldout.jsonl" \

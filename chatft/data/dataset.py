@@ -12,6 +12,8 @@ With a cache folder, the result is kept on disk under a key made of everything t
 file's name and content hash, the tokenizer's serialized files, the template, the format, the length settings and
 the source of the data code, and the chat_template_kwargs. A second run with the same key loads it (memory-mapped Arrow) instead of
 tokenizing; any change to one of them misses and tokenizes afresh.
+
+The report on the result (DataStats, the Sanity Check) is stats.py; storing and loading a cache entry is cache.py.
 """
 
 from __future__ import annotations
@@ -19,21 +21,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import statistics
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import datasets
 from transformers import PreTrainedTokenizerBase
 
 from chatft.args import check_lengths
+from chatft.data.cache import CACHE_FORMAT, file_digest, load_cached, save_cached, tokenizer_files
 from chatft.data.formats import LoadedData, expand_paths, load_conversations
 from chatft.data.schema import Conversation, Message, Problem, ToolCall
+from chatft.data.stats import NOTES_SHOWN, DataStats, PreparedData, sanity_check_lines
 from chatft.data.templates import (
     IGNORE_INDEX,
     Encoded,
@@ -47,7 +48,20 @@ from chatft.data.templates import (
     truncate,
 )
 
-NOTES_SHOWN = 20  # skipped and truncated records named in the report (all are counted)
+__all__ = [
+    "NOTES_SHOWN",
+    "DataStats",
+    "EncodeSettings",
+    "PreparedData",
+    "cache_key",
+    "check_tokenizer",
+    "conversation_from_json",
+    "conversation_to_json",
+    "prepare_data",
+    "sanity_check_lines",
+    "tokenize_conversations",
+    "tools_fallback_note",
+]
 
 
 @dataclass
@@ -56,71 +70,6 @@ class EncodeSettings:
     max_seq_length: int = 2048
     max_source_length: int | None = None
     max_target_length: int | None = None
-
-
-@dataclass
-class DataStats:
-    records_read: int = 0
-    valid: int = 0
-    invalid: int = 0
-    skipped: int = 0  # examples left with no trained token (loss false everywhere, or after truncation)
-    skipped_why: str = "no trained token left"  # what "skipped" means in lines()
-    truncated: int = 0  # examples truncated
-    # conversations the template made several examples of, those examples, their tokens, and the tokens of the
-    # same conversations rendered whole (before truncation)
-    split: int = 0
-    split_examples: int = 0
-    split_tokens: int = 0
-    split_whole_tokens: int = 0
-    lengths: list[int] = field(default_factory=list)
-    trained_tokens: int = 0
-    closing_tokens: dict[str, int] = field(default_factory=dict)  # token -> trained turns it closes
-    # "FILE:LINE: skipped|truncated: why" of the first NOTES_SHOWN such records
-    notes: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-    cache: str = ""  # the cache folder this came from ("" when tokenized in this run)
-
-    def lines(self) -> list[str]:
-        out = [
-            f"records read: {self.records_read}, valid: {self.valid}, invalid: {self.invalid}, "
-            f"skipped ({self.skipped_why}): {self.skipped}, truncated: {self.truncated}, "
-            f"examples: {len(self.lengths)}"
-        ]
-        if self.lengths:
-            s = sorted(self.lengths)
-            p95 = s[min(len(s) - 1, int(round(0.95 * (len(s) - 1))))]
-            total = sum(s)
-            out.append(
-                f"tokens per example: min {s[0]}, median {statistics.median(s):g}, p95 {p95}, max {s[-1]}; "
-                f"total {total}, trained {self.trained_tokens} ({100 * self.trained_tokens / total:.1f}%)"
-            )
-        if self.split:
-            extra = self.split_tokens - self.split_whole_tokens
-            out.append(
-                f"split: {self.split} conversation(s) into {self.split_examples} examples (the chat template renders "
-                "earlier turns differently once later turns follow: each turn is trained in the context it is "
-                f"generated in), {self.split_tokens} tokens instead of {self.split_whole_tokens} whole "
-                f"({extra:+d})"
-            )
-        if self.closing_tokens:
-            closers = ", ".join(f"{tok!r} x{n}" for tok, n in self.closing_tokens.items())
-            out.append(f"end of turn trained: {closers}")
-        shown = len(self.notes)
-        if shown:
-            more = self.skipped + self.truncated - shown
-            out.append(f"skipped and truncated examples{f' (the first {shown})' if more > 0 else ''}:")
-            out += [f"  {note}" for note in self.notes]
-        source = f" (loaded from the cache {self.cache})" if self.cache else ""
-        out.append(f"preprocessing took {self.seconds:.1f} s{source}")
-        return out
-
-
-@dataclass
-class PreparedData:
-    dataset: datasets.Dataset  # columns: input_ids, labels, file, record
-    stats: DataStats
-    problems: list[Problem]
-    formats: dict[str, str]
 
 
 def conversation_to_json(conv: Conversation) -> str:
@@ -334,7 +283,7 @@ def prepare_data(
         )
         folder = Path(cache_dir).expanduser() / key
         if not overwrite_cache:
-            cached = _load_cached(folder, log)
+            cached = load_cached(folder, log)
             if cached is not None:
                 cached.stats.seconds = time.perf_counter() - start
                 return cached
@@ -353,7 +302,7 @@ def prepare_data(
     settings = EncodeSettings(template, max_seq_length, max_source_length, max_target_length)
     prepared = tokenize_conversations(loaded, tokenizer, settings, num_proc)
     if folder is not None and len(prepared.dataset):  # nothing to train on is not worth keeping
-        _save_cached(folder, prepared, lines)
+        save_cached(folder, prepared, lines)
         # later steps (training) read the memory-mapped copy, as a cached run would
         prepared.dataset = datasets.load_from_disk(str(folder / "dataset"))
     prepared.stats.seconds = time.perf_counter() - start
@@ -361,9 +310,8 @@ def prepare_data(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the on-disk cache
+# the cache key: what the prepared data depends on (cache.py stores and loads the entries)
 
-CACHE_FORMAT = 3  # bump when what is stored changes shape
 _DATA_CODE = (  # the modules whose code makes the prepared data
     "schema.py",
     "files.py",
@@ -374,6 +322,8 @@ _DATA_CODE = (  # the modules whose code makes the prepared data
     "history.py",
     "labels.py",
     "templates.py",
+    "stats.py",
+    "cache.py",
     "dataset.py",
 )
 
@@ -413,7 +363,7 @@ def cache_key(
         add(f"code/{name}", (here / name).read_bytes())
     for path in expand_paths(paths):
         add("file", str(path).encode())  # the name is recorded in the dataset and in every problem
-        add("content", _file_digest(path).encode())
+        add("content", file_digest(path).encode())
     for name, data in tokenizer_files(tokenizer):
         add(f"tokenizer/{name}", data)
     return h.hexdigest()[:32]
@@ -426,103 +376,3 @@ def _version(package: str) -> str:
         return version(package)
     except PackageNotFoundError:
         return ""
-
-
-def tokenizer_files(tokenizer: PreTrainedTokenizerBase) -> list[tuple[str, bytes]]:
-    """The tokenizer as save_pretrained writes it (what it is now, including a pad token set in memory)."""
-    with tempfile.TemporaryDirectory(prefix="chatft-tok-") as tmp:
-        tokenizer.save_pretrained(tmp)
-        return [(p.name, p.read_bytes()) for p in sorted(Path(tmp).iterdir()) if p.is_file()]
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _save_cached(folder: Path, prepared: PreparedData, lines: list[str]) -> None:
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    bars = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        prepared.dataset.save_to_disk(str(tmp / "dataset"))
-        stats = asdict(prepared.stats)
-        stats.pop("seconds")
-        stats.pop("cache")
-        meta = {
-            "stats": stats,
-            "problems": [asdict(p) for p in prepared.problems],
-            "formats": prepared.formats,
-            "log": lines,
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
-        if folder.exists():  # rebuilt (overwrite_cache) or written meanwhile by another process
-            shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
-    finally:
-        if bars:
-            datasets.enable_progress_bars()
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _load_cached(folder: Path, log: Callable[[str], None]) -> PreparedData | None:
-    meta_file = folder / "meta.json"
-    if not meta_file.is_file():
-        return None
-    try:
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
-        dataset = datasets.load_from_disk(str(folder / "dataset"))
-    except (OSError, ValueError, KeyError):  # a damaged entry is a miss; it is rewritten
-        return None
-    for line in meta["log"]:
-        log(line)
-    stats = DataStats(**meta["stats"], cache=str(folder))
-    problems = [Problem(**p) for p in meta["problems"]]
-    return PreparedData(dataset, stats, problems, meta["formats"])
-
-
-def sanity_check_lines(
-    input_ids: list[int], labels: list[int], tokenizer: PreTrainedTokenizerBase
-) -> list[str]:
-    """ChatGLM3's Sanity Check: each token's text, id and label (-100: not trained), one line per token; where
-    a byte-level tokenizer (SmolLM2, Qwen, Llama-3) splits a character over several tokens, one line for the
-    smallest run of tokens that decodes to whole characters, with all of its ids and labels. A run only partly
-    trained (which the label rule never makes) is marked."""
-    lines = ["Sanity Check >>>>>>>>>>>>>"]
-    for start, stop in character_runs(input_ids, tokenizer):
-        ids, labs = input_ids[start:stop], labels[start:stop]
-        text = repr(tokenizer.decode(ids))
-        if len(ids) == 1:
-            lines.append(f"{text:>20}: {ids[0]:6d} -> {labs[0]:6d}")
-            continue
-        trained = [label != IGNORE_INDEX for label in labs]
-        mark = "   <- partly trained!" if any(trained) and not all(trained) else ""
-        lines.append(
-            f"{text:>20}: {', '.join(map(str, ids))} -> {', '.join(str(label) for label in labs)}{mark}"
-        )
-    lines.append("<<<<<<<<<<<<< Sanity Check")
-    return lines
-
-
-MAX_RUN = 8  # a run that does not decode whole after this many tokens (invalid bytes) is shown as it is
-
-
-def character_runs(input_ids: list[int], tokenizer: PreTrainedTokenizerBase) -> list[tuple[int, int]]:
-    """[start, stop) of the smallest runs of tokens that each decode to whole characters (no U+FFFD)."""
-    runs, start = [], 0
-    while start < len(input_ids):
-        stop = start + 1
-        while (
-            stop < len(input_ids)
-            and stop - start < MAX_RUN
-            and "\ufffd" in tokenizer.decode(input_ids[start:stop])
-        ):
-            stop += 1
-        runs.append((start, stop))
-        start = stop
-    return runs

@@ -7,12 +7,14 @@ from pathlib import Path
 import pytest
 from families import FAMILIES
 from families import make_tokenizer as family_tokenizer
+from reasoning_templates import make_tokenizer as reasoning_tokenizer
+from reasoning_templates import token_ids
 from test_families import TRAINED
 from toy import ids, make_tokenizer
 
 from chatft.data.check import main as check_main
 from chatft.data.schema import Conversation, Message
-from chatft.data.templates import IGNORE_INDEX, encode, get_template
+from chatft.data.templates import IGNORE_INDEX, encode, encode_examples, get_template
 from chatft.preference.encode import encode_example, prepare_preferences
 from chatft.preference.formats import load_preferences
 
@@ -104,19 +106,149 @@ def test_each_family_trains_what_sft_trains_of_the_same_reply(name):
     assert enc.chosen_ids == trained and sft.input_ids[: len(enc.prompt_ids)] == enc.prompt_ids
 
 
-def test_a_pair_whose_prompt_tokens_differ_before_its_replies_is_refused_with_the_reason(tmp_path):
-    # "  hi" starts with spaces: "\n  " (the header's newline + the spaces) is one token, part of the reply
+def test_a_reply_starting_with_white_space_takes_the_token_it_joins_and_the_pair_shares_the_rest(tmp_path):
+    # "  hi" starts with spaces: "\n  " (the header's newline + the spaces) is one token, which SFT trains (it holds
+    # trained characters): the prompt both replies share ends before it, and the other reply starts with its "\n"
     record = {"messages": [{"role": "user", "content": "hi"}], "chosen": {"role": "assistant", "content": "  hi"},
               "rejected": {"role": "assistant", "content": "bye"}}  # fmt: skip
-    path = write(tmp_path / "p.jsonl", [record])
-    p = prepared(path)
-    assert len(p.dataset) == 0 and p.stats.invalid == 1
-    assert str(p.problems[0]) == (
-        f"{path}:1: (template): the prompt is not the same tokens before the chosen and the rejected reply (before "
-        "chosen it ends in '<|im_start|> assistant', before rejected in '<|im_start|> assistant \\n'): a token joins "
-        "the end of the prompt with the start of a reply, so the pair has no shared prompt; remove the white space "
-        "that starts the reply"
-    )  # (the toy tokenizer decodes tokens with spaces between them)
+    p = prepared(write(tmp_path / "p.jsonl", [record]))
+    assert not p.problems and len(p.dataset) == 1
+    shared = PROMPT[:-1]  # ... <|im_start|> assistant, without the "\n"
+    assert p.dataset[0] == {"prompt_ids": shared, "chosen_ids": ids("\n  ", "hi", "<|im_end|>"),
+                            "rejected_ids": ids("\n", "bye", "<|im_end|>"), "file": p.dataset[0]["file"], "record": 1}  # fmt: skip
+    alpaca = {
+        "instruction": "hi",
+        "chosen": "\nhello",
+        "rejected": "bye",
+    }  # LLaMA-Factory's; "\n\n" is one token
+    row = prepared(write(tmp_path / "a.json", [alpaca])).dataset[0]
+    assert row["prompt_ids"] == shared and row["chosen_ids"] == ids("\n\n", "hello", "<|im_end|>")
+    # the whitespace-led reply is what SFT trains of the same record, token for token
+    tok = make_tokenizer()
+    sft = encode(
+        Conversation([Message("user", "hi"), Message("assistant", "  hi")]), tok, get_template(None, tok)
+    )
+    trained = [t for t, label in zip(sft.input_ids, sft.labels, strict=True) if label != IGNORE_INDEX]
+    assert trained == p.dataset[0]["chosen_ids"] and sft.input_ids[: len(shared)] == shared
+    both = {**record, "rejected": {"role": "assistant", "content": "  bye"}}  # both join: nothing moves
+    row = prepared(write(tmp_path / "q.jsonl", [both])).dataset[0]
+    assert row["prompt_ids"] == shared and row["rejected_ids"] == ids("\n  ", "bye", "<|im_end|>")
+
+
+# ---------------------------------------------------------------------------------------------------- reasoning
+
+
+def reasoning_pairs(tmp_path, name: str, records: list, kwargs=None):
+    tok = reasoning_tokenizer(name)
+    path = write(tmp_path / f"{name}.jsonl", records)
+    p = prepare_preferences([path], "auto", tok, None, 2048, log=lambda _m: None, chat_template_kwargs=kwargs)
+    return tok, p
+
+
+MULTI_TURN = [{"role": "user", "content": "hi"},
+              {"role": "assistant", "content": "hello", "reasoning_content": "greet back"},
+              {"role": "user", "content": "bye"}]  # fmt: skip
+WITH_REASONING = {
+    "messages": MULTI_TURN,
+    "chosen": {"role": "assistant", "content": "<think>\nso say bye\n</think>\n\nbye !"},  # a leading block
+    "rejected": {"role": "assistant", "content": "ok", "reasoning_content": "so say ok"},
+}
+
+
+def test_pairs_with_reasoning_train_it_in_the_replies_generation_context_as_sft_does(tmp_path):
+    tok, p = reasoning_pairs(tmp_path, "qwen3", [WITH_REASONING])
+    assert not p.problems
+    row = p.dataset[0]
+    # Qwen3 drops the earlier answer's reasoning: the prompt is the context the model writes the reply in
+    assert tok.convert_ids_to_tokens(row["prompt_ids"]) == [
+        "<|im_start|>", "user", "\n", "hi", "<|im_end|>", "\n", "<|im_start|>", "assistant", "\n", "hello",
+        "<|im_end|>", "\n", "<|im_start|>", "user", "\n", "bye", "<|im_end|>", "\n", "<|im_start|>", "assistant",
+        "\n",
+    ]  # fmt: skip
+    assert row["chosen_ids"] == token_ids(tok, "<think>", "\n", "so", " ", "say", " ", "bye", "\n", "</think>",
+                                          "\n\n", "bye", " ", "!", "<|im_end|>")  # fmt: skip
+    assert row["rejected_ids"] == token_ids(tok, "<think>", "\n", "so", " ", "say", " ", "ok", "\n", "</think>",
+                                            "\n\n", "ok", "<|im_end|>")  # fmt: skip
+    # SFT of the same conversation ending with the chosen reply trains exactly these tokens in this context
+    conv = Conversation([Message("user", "hi"), Message("assistant", "hello", reasoning="greet back"),
+                         Message("user", "bye"), Message("assistant", "bye !", reasoning="so say bye")])  # fmt: skip
+    last = encode_examples(conv, tok, get_template(None, tok))[-1]
+    trained = [t for t, label in zip(last.input_ids, last.labels, strict=True) if label != IGNORE_INDEX]
+    assert trained == row["chosen_ids"] and last.input_ids[: len(row["prompt_ids"])] == row["prompt_ids"]
+
+
+def test_a_pair_differing_only_in_reasoning_is_a_pair_and_reasoning_needs_a_template_with_a_place(tmp_path):
+    only_reasoning = {"instruction": "hi", "chosen": "<think>\ngreet back\n</think>\n\nhello",
+                      "rejected": "<think>\nso say bye\n</think>\n\nhello"}  # fmt: skip
+    tok, p = reasoning_pairs(tmp_path, "qwen3", [only_reasoning])
+    assert not p.problems and p.dataset[0]["chosen_ids"][:4] == token_ids(tok, "<think>", "\n", "greet", " ")
+    tok, p = reasoning_pairs(
+        tmp_path, "chatml", [WITH_REASONING]
+    )  # no place for reasoning: refused, not dropped
+    assert len(p.dataset) == 0 and "has no place for it" in str(p.problems[0])
+
+
+def test_templates_that_rewrite_the_history_give_each_pair_the_context_of_its_reply(tmp_path):
+    system = [{"role": "system", "content": "ok"}]
+    mistral = {"messages": system + [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+               {"role": "user", "content": "bye"}], "chosen": {"role": "assistant", "content": "bye !"},
+               "rejected": {"role": "assistant", "content": "ok"}}  # fmt: skip
+    for name in (
+        "mistral",
+        "mistral_v03",
+    ):  # the system text in the last user turn (v0.3: only in a final one)
+        tok, p = reasoning_pairs(tmp_path, name, [mistral])
+        row = p.dataset[0]
+        assert tok.convert_ids_to_tokens(row["prompt_ids"]) == [
+            "<s>", "[INST]", " ", "hi", "[/INST]", " ", "hello", "</s>", "[INST]", " ", "ok", "\n\n", "bye", "[/INST]",
+        ], name  # fmt: skip
+        assert row["chosen_ids"] == token_ids(tok, " ", "bye", " ", "!", "</s>"), name
+    # DeepSeek-R1: the generation prompt opens the think block; a reply with no reasoning joins its "\n"
+    deepseek = {**WITH_REASONING, "messages": system + MULTI_TURN}
+    tok, p = reasoning_pairs(
+        tmp_path, "deepseek_r1", [{**deepseek, "rejected": {"role": "assistant", "content": "ok"}}]
+    )
+    row = p.dataset[0]
+    assert tok.convert_ids_to_tokens(row["prompt_ids"]) == [
+        "ok",
+        "<|user|>",
+        "hi",
+        "<|assistant|>",
+        "hello",
+        "</s>",
+        "<|user|>",
+        "bye",
+        "<|assistant|>",
+        "<think>",
+    ]  # fmt: skip  (the earlier answer's reasoning dropped)
+    assert row["chosen_ids"] == token_ids(tok, "\n", "so", " ", "say", " ", "bye", "\n", "</think>", "\n\n", "bye",
+                                          " ", "!", "</s>")  # fmt: skip
+    assert row["rejected_ids"] == token_ids(tok, "\n\n", "</think>", "\n\n", "ok", "</s>")
+    # Qwen3 with enable_thinking false: the empty block is the prompt's
+    plain = {"instruction": "hi", "chosen": "hello", "rejected": "ok"}
+    tok, p = reasoning_pairs(tmp_path, "qwen3", [plain], '{"enable_thinking": false}')
+    assert tok.convert_ids_to_tokens(p.dataset[0]["prompt_ids"])[-5:] == [
+        "\n",
+        "<think>",
+        "\n\n",
+        "</think>",
+        "\n\n",
+    ]
+    assert p.dataset[0]["chosen_ids"] == token_ids(tok, "hello", "<|im_end|>")
+
+
+def test_check_data_takes_chat_template_kwargs_for_preference_stages(tmp_path, capsys):
+    tok_dir = tmp_path / "tok"
+    reasoning_tokenizer("qwen3").save_pretrained(tok_dir)
+    path = write(tmp_path / "p.json", [{"instruction": "hi", "chosen": "hello", "rejected": "ok"}])
+    dump = tmp_path / "dump.jsonl"
+    argv = ["--stage", "dpo", "--train_file", path, "--model", str(tok_dir), "--dump", str(dump)]
+    assert check_main([*argv, "--chat_template_kwargs", '{"enable_thinking": false}']) == 0
+    row = json.loads(dump.read_text())
+    tokens = reasoning_tokenizer("qwen3").convert_ids_to_tokens(row["prompt_ids"])
+    assert tokens[-4:] == ["<think>", "\n\n", "</think>", "\n\n"]  # enable_thinking false: the empty block
+    assert check_main([*argv, "--chat_template_kwargs", "[1]"]) == 2
+    assert "must be a JSON object" in capsys.readouterr().err
 
 
 def test_kto_labels_and_a_pair_unpaired_into_true_and_false(tmp_path):
@@ -297,3 +429,20 @@ def test_the_sample_files_are_valid_and_detected(capsys):
         assert not loaded.problems and loaded.formats == {str(data / name): fmt}
         assert all(ex.paired == (name != "kto.jsonl") for _, _, ex in loaded.records)
     assert len(prepared(str(data / "alpaca.json"), tokenizer=tok).dataset) == 4
+
+
+def test_pairs_from_predictions_keep_the_predicted_reasoning_apart(tmp_path, capsys):
+    from chatft.preference.pairs import main as pairs_main
+
+    data = write(
+        tmp_path / "d.jsonl", [{"messages": [*MULTI_TURN, {"role": "assistant", "content": "bye !"}]}]
+    )
+    row = {"file": data, "record": 1, "reference": "bye !", "reference_reasoning": "",
+           "prediction": "<think>\nso say ok\n</think>\n\nok", "reasoning": "so say ok", "answer": "ok"}  # fmt: skip
+    predictions = write(tmp_path / "p.jsonl", [row])
+    assert pairs_main(["--predictions", predictions, "--output", str(tmp_path / "pairs.jsonl")]) == 0
+    (pair,) = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
+    assert pair["rejected"] == {"role": "assistant", "content": "ok", "reasoning_content": "so say ok"}
+    assert pair["messages"][1]["reasoning_content"] == "greet back"
+    tok, p = reasoning_pairs(tmp_path, "qwen3", [pair])  # a pair the template trains with its reasoning
+    assert p.dataset[0]["rejected_ids"][:4] == token_ids(tok, "<think>", "\n", "so", " ")

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 from killed_run import run_killed
+from reasoning_templates import make_tokenizer as reasoning_tokenizer
 from safetensors.torch import load_file
-from toy import ids, make_tokenizer, many_chats, save_tiny_model
+from toy import ids, make_tokenizer, many_chats, save_tiny_model, tiny_llama
 from transformers import AutoModelForCausalLM
 
 from chatft.args import ModelArguments
@@ -317,6 +318,48 @@ def test_bad_input_is_one_error_line_or_located_records(tiny_model, pairs_file, 
     with pytest.raises(SystemExit) as e:
         main(["--stage", "ppo", "--train_file", pairs_file])
     assert e.value.code == 2
+
+
+def test_chat_template_kwargs_reach_the_pairs(tmp_path, capsys):
+    tokenizer_only = tmp_path / "tok"  # no weights: the data is prepared and reported before the model loads
+    reasoning_tokenizer("qwen3").save_pretrained(tokenizer_only)
+    data = tmp_path / "p.json"
+    data.write_text(
+        json.dumps([{"instruction": "hi", "chosen": "<think>\nso\n</think>\n\nhello", "rejected": "ok"}])
+    )
+    kwargs = ["--chat_template_kwargs", '{"enable_thinking": false}']  # a prompt that closes the think block
+    assert run(str(tokenizer_only), str(data), tmp_path / "o", *kwargs) == 1
+    assert (
+        f"{data}:1: (template): the chat template's generation prompt for turn 2 (chat_template_kwargs "
+        in (capsys.readouterr().out)
+    )
+
+
+def test_pairs_with_reasoning_and_white_space_led_replies_train(tiny_model, tmp_path):
+    """Pairs that were refused before the shared prompt ended at the last token both sequences share: a
+    DeepSeek-R1-style reply with no reasoning joins the prompt's opened think block, and a reply starting with
+    spaces joins ChatML's header (tests/test_preference_data.py has their ids)."""
+    tok = reasoning_tokenizer("deepseek_r1")
+    folder = tmp_path / "r1"
+    special = {
+        "bos_token_id": tok.bos_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "pad_token_id": tok.pad_token_id,
+    }
+    tiny_llama(len(tok), **special).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    thinking = [{"instruction": q, "chosen": f"<think>\nso say {a}\n</think>\n\n{a}", "rejected": "ok"}
+                for q, a in [("hi", "hello"), ("bye", "bye"), ("how are you", "fine"), ("thanks", "ok !")]]  # fmt: skip
+    spaced = [
+        {"instruction": q, "chosen": f"  {a}", "rejected": "bye"}
+        for q, a in [("hi", "hello"), ("weather", "sunny")]
+    ]
+    for model, records in ((str(folder), thinking), (tiny_model, spaced * 2)):
+        data = tmp_path / "pairs.json"
+        data.write_text(json.dumps(records))
+        out = tmp_path / f"out-{len(records)}"
+        assert run(model, str(data), out, "--max_steps", "2", "--save_strategy", "no") == 0
+        assert sorted(logged(out)) == [1, 2]
 
 
 def test_help_of_a_stage_shows_its_knobs(capsys):

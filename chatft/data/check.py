@@ -138,8 +138,6 @@ def main(argv: list[str] | None = None) -> int:
             )
             lines, dump = report_lines(prepared, tokenizer), write_dump
         else:
-            if args.chat_template_kwargs:
-                raise ValueError("--chat_template_kwargs is taken for --stage sft only, so far")
             from chatft.preference import encode
 
             encode.check_target_length(args.max_target_length)
@@ -151,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.max_seq_length,
                 args.max_source_length,
                 unpaired=args.stage == "kto",
+                chat_template_kwargs=args.chat_template_kwargs,
             )
             lines, dump = encode.report_lines(prepared, tokenizer), encode.write_dump
     except (DataFileError, TemplateError, ValueError) as e:

@@ -1,13 +1,17 @@
 """Preference examples -> token ids, rendered and labelled exactly as SFT renders and labels them.
 
 For each reply, the conversation plus that reply is encoded by chatft.data.templates.encode_chat with the reply as
-the only trained turn (earlier assistant turns are context): the reply's ids are its trained tokens, i.e. its
-text after the generation prompt and exactly one closing token (<|im_end|>, the next role's token, or an
-appended EOS), and the prompt is every token before them. Whatever the template writes after the closing token
-(ChatML's newline) is left out, as SFT leaves it untrained. The prompt must come out the same before both replies
-of a pair (a token merging the end of the prompt with the start of one reply would make them differ): such a pair
-is refused with the reason. input-output records are encoded as SFT encodes them raw: the prompt with the
-tokenizer's prefix tokens, the reply plus EOS.
+the only trained turn (earlier assistant turns are context), so it is rendered exactly as SFT renders a conversation's
+last turn: in its own generation context (a template that rewrites the history, Qwen3 dropping earlier answers'
+reasoning, Mistral moving the system text, gives the prompt as the model sees it when it writes the reply), its
+reasoning (Message.reasoning) included as the template writes it. The reply's ids are its trained tokens, i.e. its
+text after the generation prompt and exactly one closing token (<|im_end|>, the next role's token, or an appended
+EOS), and the prompt is every token before them. Whatever the template writes after the closing token (ChatML's
+newline) is left out, as SFT leaves it untrained. A reply that starts with white space can join the prompt's last
+token (ChatML's "\n" after `assistant` and a reply's leading "\n" are one token "\n\n"), so the prompts before the two
+replies can end differently: the pair's shared prompt ends at the last token both share, and the tokens after it
+belong to each reply, as SFT trains a token that holds any trained character. input-output records are encoded as
+SFT encodes them raw: the prompt with the tokenizer's prefix tokens, the reply plus EOS.
 
 Truncation to max_seq_length, as SFT truncates (whole turns first; a reply is never cut, since its closing token
 is what the model must learn): while the prompt and the longer reply do not fit, the earliest exchange of the
@@ -97,11 +101,10 @@ def encode_example(
     """One pair (two replies) or one labelled reply, truncated as the module docstring says."""
     first_length, dropped = None, 0
     while True:
-        parts = [encode_reply(conv, r, tokenizer, template, max_source_length) for r in replies]
+        parts = shared_prompt(
+            [encode_reply(conv, r, tokenizer, template, max_source_length) for r in replies]
+        )
         prompt = parts[0][0]
-        for other in parts[1:]:
-            if other[0] != prompt:
-                raise TemplateError(_seam_problem(prompt, other[0], tokenizer))
         longest = max(len(ids) for _, ids, _, _ in parts)
         first_length = first_length or len(prompt) + longest
         cut = any(c for *_, c in parts)
@@ -143,19 +146,17 @@ def drop_first_exchange(conv: Conversation) -> Conversation | None:
     return Conversation(head + rest[users[1] :], tools=conv.tools, raw=conv.raw)
 
 
-def _seam_problem(chosen_prompt: list[int], rejected_prompt: list[int], tokenizer) -> str:
+def shared_prompt(
+    parts: list[tuple[list[int], list[int], list[int], bool]],
+) -> list[tuple[list[int], list[int], list[int], bool]]:
+    """encode_reply's parts of a pair with one prompt: the tokens all their prompts share (the text before the
+    replies is the same; only a token joined with the start of a reply can differ), each prompt's tokens after
+    them moved to the start of its reply."""
+    prompts = [prompt for prompt, *_ in parts]
     common = 0
-    for a, b in zip(chosen_prompt, rejected_prompt, strict=False):
-        if a != b:
-            break
+    while all(common < len(p) for p in prompts) and len({p[common] for p in prompts}) == 1:
         common += 1
-    start = max(0, common - 2)
-    ends = (tokenizer.decode(chosen_prompt[start:]), tokenizer.decode(rejected_prompt[start:]))
-    return (
-        f"the prompt is not the same tokens before the chosen and the rejected reply (before chosen it ends in "
-        f"{ends[0]!r}, before rejected in {ends[1]!r}): a token joins the end of the prompt with the start of a "
-        "reply, so the pair has no shared prompt; remove the white space that starts the reply"
-    )
+    return [(prompt[:common], prompt[common:] + reply, closers, cut) for prompt, reply, closers, cut in parts]
 
 
 # ---------------------------------------------------------------------------------------------------- data sets
@@ -186,9 +187,11 @@ def prepare_preferences(
     max_source_length: int | None = None,
     unpaired: bool = False,
     log: Callable[[str], None] = print,
+    chat_template_kwargs: str | dict | None = None,
 ) -> PreparedPreferences:
     """Read, validate and encode preference data. unpaired (KTO): one example per labelled reply, and a pair
-    gives two (chosen true, rejected false); otherwise every record must be a pair."""
+    gives two (chosen true, rejected false); otherwise every record must be a pair. chat_template_kwargs reach
+    every rendering, as in SFT."""
     start = time.perf_counter()
     check_lengths(max_seq_length, max_source_length, None)
     check_tokenizer(tokenizer)
@@ -203,7 +206,7 @@ def prepare_preferences(
         else:
             examples.append((name, line, ex))
     chats = [ex.conversation for _, _, ex in examples if not ex.conversation.raw]
-    template = get_template(template_name, tokenizer) if chats else None
+    template = get_template(template_name, tokenizer, chat_template_kwargs) if chats else None
     note = tools_fallback_note(template, tokenizer, chats)
     if note:
         log(note)

@@ -11,6 +11,10 @@ Layouts (the conversation's format is detected from the record, as for SFT):
                "rejected": {...}, "system"?, "tools"?}  (LLaMA-Factory's preference layout)
 - alpaca:      {"instruction", "input"?, "chosen": str, "rejected": str, "system"?, "history"?}  (LLaMA-Factory's)
 - input-output: {"prompt", "chosen": str, "rejected": str}  (TRL's standard form; rendered raw, no chat markup)
+A reply's reasoning is read as SFT reads an assistant turn's: `reasoning_content` (or `reasoning`) on a reply
+message, or a leading <think>...</think> block in its text (alpaca's string replies too, as SFT reads alpaca's
+`output`; input-output is raw text, where a block is text); two replies that differ only in their reasoning are a
+pair.
 KTO (unpaired): the SFT record of any format, whose last assistant turn is the reply, plus "label": true|false
 (LLaMA-Factory's "kto_tag" is read too; input-output may name the reply "completion", as TRL does). For KTO a
 paired record gives two examples: the chosen reply labelled true, the rejected one false.
@@ -197,7 +201,11 @@ def _relocated(error: RecordError, where: dict[str, str]) -> RecordError:
 
 
 def _same(a: Message, b: Message) -> bool:
-    return a.content.strip() == b.content.strip() and a.tool_calls == b.tool_calls
+    return (
+        a.content.strip() == b.content.strip()
+        and a.tool_calls == b.tool_calls
+        and (a.reasoning or "").strip() == (b.reasoning or "").strip()
+    )
 
 
 def _unpaired(record: dict, fmt: str, label: bool) -> PreferenceExample:

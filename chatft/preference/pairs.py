@@ -1,8 +1,9 @@
 """scripts/make_preference_pairs.py: preference pairs from a prediction file of inference.py.
 
-Each prediction row ({"file", "record", "prompt", "reference", "prediction"}) points back at its data record.
-The pair is that record's conversation up to its last assistant turn, chosen = that turn as the record has it
-(the reference answer), rejected = the model's prediction. Written in the OpenAI-messages preference layout
+Each prediction row ({"file", "record", "prompt", "reference", "prediction", "reasoning", "answer", ...}) points back
+at its data record. The pair is that record's conversation up to its last assistant turn, chosen = that turn as the
+record has it (the reference answer, with its reasoning), rejected = the model's prediction: its answer, with its
+reasoning as `reasoning_content` when it wrote some (a row of an older file, with no answer: its prediction). Written in the OpenAI-messages preference layout
 ({"messages", "chosen", "rejected"}), or {"prompt", "chosen", "rejected"} for input-output records. A row whose
 prediction is empty or the same as the reference is left out and counted, as is a row whose record is no longer
 there or no longer valid.
@@ -22,6 +23,7 @@ from pathlib import Path
 from chatft.data.convert import read_valid, to_record, write_records
 from chatft.data.formats import DataFileError
 from chatft.data.schema import Conversation, RecordError
+from chatft.inference.evaluation import answer_of
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 
@@ -37,8 +39,9 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
-def pair_record(conv: Conversation, prediction: str) -> dict:
-    """The preference record: conv's last assistant turn is chosen, the prediction rejected."""
+def pair_record(conv: Conversation, prediction: str, reasoning: str = "") -> dict:
+    """The preference record: conv's last assistant turn is chosen, the prediction (its answer and reasoning)
+    rejected."""
     last = max(i for i, m in enumerate(conv.messages) if m.role == "assistant")
     chosen = conv.messages[last]
     if conv.raw:
@@ -46,7 +49,10 @@ def pair_record(conv: Conversation, prediction: str) -> dict:
     with_answer = Conversation([*conv.messages[:last], replace(chosen, loss=None)], tools=conv.tools)
     record = to_record(with_answer, "openai")
     written_chosen = record["messages"].pop()
-    return {**record, "chosen": written_chosen, "rejected": {"role": "assistant", "content": prediction}}
+    rejected = {"role": "assistant", "content": prediction}
+    if reasoning:
+        rejected["reasoning_content"] = reasoning
+    return {**record, "chosen": written_chosen, "rejected": rejected}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         where = f"{row['file']}:{row['record']}"
         conv = conversations.get((row["file"], row["record"]))
-        prediction = row["prediction"]
+        raw = conv is not None and conv.raw  # raw text: a think block there is text
+        prediction = row["prediction"] if raw else answer_of(row)
+        reasoning = "" if raw else row.get("reasoning") or ""
         if conv is None:
             left_out.append(f"{where}: the record is not there or no longer valid")
             bad += 1
@@ -74,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             left_out.append(f"{where}: the prediction is the reference answer")
         else:
             try:
-                pairs.append(pair_record(conv, prediction))
+                pairs.append(pair_record(conv, prediction, reasoning))
             except RecordError as e:
                 left_out.append(f"{where}: {e.field}: {e.message}")
                 bad += 1

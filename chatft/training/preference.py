@@ -105,6 +105,7 @@ def run_preference(argv: list[str], stage: str) -> int:
             data_args.max_source_length,
             unpaired=stage == "kto",
             log=log,
+            chat_template_kwargs=data_args.chat_template_kwargs,
         )
 
     what = " (labelled replies)" if stage == "kto" else " (preference pairs)"

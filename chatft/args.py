@@ -211,9 +211,13 @@ class GRPOArguments:
     )
     adapter: str | None = field(
         default=None,
-        metadata={"help": "Start from this SFT LoRA/QLoRA adapter and go on training it (as --stage dpo does)."},
+        metadata={
+            "help": "Start from this SFT LoRA/QLoRA adapter and go on training it (as --stage dpo does)."
+        },
     )
     max_prompt_length: int | None = field(
         default=None,
-        metadata={"help": "Records whose rendered prompt is longer than this many tokens are skipped and counted."},
+        metadata={
+            "help": "Records whose rendered prompt is longer than this many tokens are skipped and counted."
+        },
     )

@@ -33,6 +33,8 @@ def test_rewards_of_a_predictions_file(tmp_path, capsys):
 
 def test_a_line_without_a_prediction_is_located(tmp_path, capsys):
     path = tmp_path / "pred.jsonl"
-    path.write_text(json.dumps({"prediction": "x", "reference": "x"}) + "\n" + json.dumps({"answer": "y"}) + "\n")
+    path.write_text(
+        json.dumps({"prediction": "x", "reference": "x"}) + "\n" + json.dumps({"answer": "y"}) + "\n"
+    )
     assert main(["--predictions", str(path)]) == 2
     assert f"error: {path}:2: needs string fields prediction and reference" in capsys.readouterr().err

@@ -5,8 +5,8 @@ autocast where the CPU has bf16 instructions (else fp32), forward + backward + A
 the median of --steps steps. Each setting in a fresh process (OpenMP reads its environment when torch loads):
 - "torch defaults": one thread per core, libgomp's own spin;
 - "OMP_WAIT_POLICY=PASSIVE", "GOMP_SPINCOUNT=20000", "1 thread": the fixed settings people reach for;
-- "chatft": what chatft does (chatft.threads: GOMP_SPINCOUNT set on import, the ThreadGovernor ticked between
-  steps, as training ticks it between micro-batches).
+- "chatft": what chatft does (chatft.threads: the ThreadGovernor ticked between steps, as training ticks it
+  between micro-batches).
 Part 2 (--real): whole runs, chatft's finetune.py with its defaults against LLaMA-Factory 0.9.5's default LoRA
 (../shared/peer, its venv set up by setup_llamafactory.sh) on ruozhiba, batch 4 x 512, --real_steps steps, idle
 and beside one busy process: seconds per step (train_runtime / steps).
@@ -56,7 +56,6 @@ def worker(setting: str, steps: int) -> None:
     """Runs in its own process: prints one JSON line with the step times."""
     sys.path.insert(0, str(ROOT))
     if setting == "chatft":
-        import chatft  # noqa: F401  (sets GOMP_SPINCOUNT before torch loads)
         from chatft.threads import ThreadGovernor, this_process_budget
     import torch
     from peft import LoraConfig, get_peft_model

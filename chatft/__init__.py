@@ -31,10 +31,4 @@ class _DropMessage(logging.Filter):
 for _logger, _prefix in _IMPORT_NOISE.items():
     logging.getLogger(_logger).addFilter(_DropMessage(_prefix))
 
-# torch's OpenMP threads: a shorter spin before a waiting thread sleeps (chatft.threads says why); libgomp reads
-# it when torch loads, which the entry points do after importing chatft
-from chatft.threads import set_spin_count  # noqa: E402
-
-set_spin_count()
-
 __version__ = "0.1.0"

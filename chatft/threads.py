@@ -25,18 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-# libgomp's default spin before a waiting thread sleeps is long (300,000 iterations): a thread whose sibling lost
-# its core burns its own core meanwhile. 20,000 measured as fast as the default on an idle machine and 3-4x
-# faster with a busy neighbour, before the governor reacts (docs/performance.md). Set before torch loads.
-SPIN_COUNT = "20000"
 FREE_MARGIN = 0.25  # a core counts as free when at most this much of it is taken by other work
 MIN_INTERVAL_S = 0.5  # shorter readings of /proc/stat (100 ticks a second) are noise
-
-
-def set_spin_count() -> None:
-    """GOMP_SPINCOUNT for libgomp, unless the user chose a spin count or a wait policy."""
-    if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
-        os.environ["GOMP_SPINCOUNT"] = SPIN_COUNT
 
 
 @dataclass(frozen=True)

@@ -11,20 +11,6 @@ from toy import save_byte_model
 
 from chatft.data.schema import Conversation, Message, ToolCall
 
-SLOW_FIRST = ("test_walkthroughs.py",)  # minutes each: started first, so that xdist's workers end together
-
-
-def pytest_collection_modifyitems(config, items):
-    """The slow modules first, their tests last-written first (the newest walkthroughs are the longest); every other
-    module keeps its place and order."""
-    position = {id(item): i for i, item in enumerate(items)}
-    items.sort(
-        key=lambda item: (
-            item.path.name not in SLOW_FIRST,
-            -position[id(item)] if item.path.name in SLOW_FIRST else position[id(item)],
-        )
-    )
-
 
 @pytest.fixture(scope="module")
 def one_thread():

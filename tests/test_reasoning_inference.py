@@ -270,3 +270,19 @@ def test_a_requests_chat_template_kwargs_reach_its_prompt_and_are_checked(thinki
         with pytest.raises(openai.BadRequestError, match=says) as raised:
             c.chat.completions.create(model="thinker", messages=HI, extra_body={"chat_template_kwargs": bad})
         assert raised.value.body["param"] == "chat_template_kwargs"
+
+
+def test_sample_answers_while_training_keep_the_reasoning_apart(thinking_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from chatft.data.schema import Conversation, Message
+    from chatft.data.templates import get_template
+    from chatft.training.samples import SampleAnswers
+
+    tokenizer = AutoTokenizer.from_pretrained(thinking_model)
+    model = AutoModelForCausalLM.from_pretrained(thinking_model)
+    samples = [(Conversation([Message("user", "hi")]), "hello there!")]
+    rows = SampleAnswers(samples, tokenizer, get_template(None, tokenizer), "sdpa", 120).generate(model)
+    assert rows == [
+        {"prompt": "hi", "answer": "hello there!", "reasoning": GREET, "reference": "hello there!"}
+    ]

@@ -23,6 +23,7 @@ from chatft.inference.common import InferError
 from chatft.inference.evaluation import generation_scores, shorten, split_last_answer
 from chatft.inference.generation import GenerationOptions, decode, generate, render_prompt
 from chatft.inference.loading import Session, stop_token_ids
+from chatft.inference.reasoning import prompt_opens_think, split_reasoning
 from chatft.loss import zero3_enabled
 
 SAMPLES_FILE = "samples.jsonl"
@@ -120,19 +121,22 @@ class SampleAnswers(TrainerCallback):
     def generate(self, model) -> list[dict]:
         stops = stop_token_ids(self.tokenizer, self.template, model.generation_config)
         session = Session(model, self.tokenizer, self.template, False, stops, str(model.device))
-        prompts, ids = [], []
+        prompts, ids, opened = [], [], []
         for conv, _ in self.samples:
             try:
-                _, prompt_ids = render_prompt(session, conv)
+                text, prompt_ids = render_prompt(session, conv)
             except TemplateError as e:
                 raise InferError(f"--sample_prompts: {e}") from e
             prompts.append(conv.messages[-1].content)
             ids.append(prompt_ids)
+            opened.append(prompt_opens_think(text))
         answers = generate(session, ids, self.options)  # one batch: a few prompts
-        return [
-            {"prompt": p, "answer": decode(session, a), "reference": ref}
-            for p, a, (_, ref) in zip(prompts, answers, self.samples, strict=True)
-        ]
+        rows = []
+        for p, a, is_open, (_, ref) in zip(prompts, answers, opened, self.samples, strict=True):
+            # a reasoning model's thinking kept apart from its answer, as inference.py shows them
+            reasoning, answer = split_reasoning(decode(session, a), is_open)
+            rows.append({"prompt": p, "answer": answer, "reasoning": reasoning, "reference": ref})
+        return rows
 
 
 def generation_eval_for(

@@ -124,18 +124,19 @@ def part1(steps: int, loads: list[int]) -> None:
             median = statistics.median(result["times"])
             print(f"  {setting:24s} busy={busy}: median {median:6.2f} s  steps {[round(t, 2) for t in result['times']]}"
                   f"  threads {result['threads']}", flush=True)  # fmt: skip
-    idle = {s: statistics.median(table[s][0]["times"]) for s in SETTINGS} if 0 in loads else {}
+    base = "torch defaults"
+    idle = statistics.median(table[base][0]["times"]) if 0 in loads and base in table else None
     print("\n| setting | " + " | ".join(f"{b} busy" for b in loads) + " |")
     print("| --- | " + " | ".join("---" for _ in loads) + " |")
     for setting in SETTINGS:
         cells = []
         for busy in loads:
             median = statistics.median(table[setting][busy]["times"])
-            ratio = f" ({median / idle['torch defaults']:.2f}x)" if idle else ""
+            ratio = f" ({median / idle:.2f}x)" if idle else ""
             cells.append(f"{median:.2f} s{ratio}")
         print(f"| {setting} | " + " | ".join(cells) + " |")
     if idle:
-        print("\n(x: the step time over torch defaults' idle step time)")
+        print(f"\n(x: the step time over {base}' idle step time)")
 
 
 def real_run(kind: str, busy: int, steps: int, out: Path) -> float:

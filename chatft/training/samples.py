@@ -139,6 +139,14 @@ class SampleAnswers(TrainerCallback):
         return rows
 
 
+def template_for(
+    convs: list[Conversation], model_args: ModelArguments, data_args: DataArguments, tokenizer
+) -> Template | None:
+    """The template training renders with, where any of these conversations is a chat (raw prompts need none)."""
+    chat = model_args.template is not None or any(not conv.raw for conv in convs)
+    return get_template(model_args.template, tokenizer, data_args.chat_template_kwargs) if chat else None
+
+
 def generation_eval_for(
     model_args: ModelArguments, data_args: DataArguments, training_args, tokenizer, attention: str
 ):
@@ -147,8 +155,7 @@ def generation_eval_for(
     if not (training_args.predict_with_generate and data_args.eval_file):
         return None
     records = load_conversations(data_args.eval_file, data_args.train_format, log=lambda _msg: None).records
-    chat = model_args.template is not None or any(not c.raw for _, _, c in records)
-    template = get_template(model_args.template, tokenizer, data_args.chat_template_kwargs) if chat else None
+    template = template_for([c for _, _, c in records], model_args, data_args, tokenizer)
     max_new_tokens = training_args.generation_max_length or 128
 
     def scores(model) -> dict[str, float]:
@@ -167,8 +174,7 @@ def add_sample_answers(
     if zero3_enabled():
         log("--sample_prompts: skipped under DeepSpeed ZeRO-3 (the weights are split over the processes)")
         return
-    chat = model_args.template is not None or any(not conv.raw for conv, _ in samples)
-    template = get_template(model_args.template, tokenizer, data_args.chat_template_kwargs) if chat else None
+    template = template_for([conv for conv, _ in samples], model_args, data_args, tokenizer)
     callback = SampleAnswers(
         samples, tokenizer, template, attention, training_args.sample_max_new_tokens, log
     )

@@ -131,7 +131,11 @@ class DataArguments:
         },
     )
     preprocessing_num_workers: int | None = field(
-        default=None, metadata={"help": "Processes for tokenization (datasets.map num_proc)."}
+        default=None,
+        metadata={
+            "help": "Processes that validate and tokenize the records (datasets.map num_proc). Default: the cores "
+            "this process may use (affinity, CPU quota), one per 5,000 records at most."
+        },
     )
     skip_invalid_records: bool = field(
         default=False, metadata={"help": "Skip invalid records (counted and listed) instead of stopping."}
@@ -168,6 +172,13 @@ class DataArguments:
     )
     overwrite_cache: bool = field(
         default=False, metadata={"help": "Tokenize afresh even when the cache has the data (and rewrite it)."}
+    )
+    data_shared_file_system: bool = field(
+        default=False,
+        metadata={
+            "help": "Several nodes share the preprocessing cache's file system: the first process of all prepares "
+            "the data and every other reads its cache. Default: the first process of each node prepares it."
+        },
     )
 
     def __post_init__(self) -> None:

@@ -48,11 +48,14 @@ def test_second_call_hits_the_cache(data, tmp_path, monkeypatch):
     def no_tokenizing(*args, **kwargs):
         raise AssertionError("tokenized again")
 
-    monkeypatch.setattr(dataset_module, "tokenize_conversations", no_tokenizing)
+    monkeypatch.setattr(dataset_module, "tokenize_records", no_tokenizing)
     warm, warm_log = prepare(data, cache)
     assert warm.stats.cache.startswith(str(cache))
     assert "loaded from the cache" in warm.stats.lines()[-1]
-    assert warm_log == cold_log  # the format lines are replayed
+    # the format lines are replayed; what only the tokenizing run says (workers, who wrote the cache) is not
+    assert [line for line in cold_log if "format" in line] == warm_log
+    assert any(line.startswith("tokenizing 3 records") for line in cold_log)
+    assert any(line.startswith("preprocessed by this process") for line in cold_log)
     assert warm.dataset.to_list() == cold.dataset.to_list()
     assert warm.problems == cold.problems and len(warm.problems) == 1
     assert warm.formats == cold.formats
@@ -101,3 +104,61 @@ def test_without_a_cache_folder_nothing_is_written(data, tmp_path, monkeypatch):
     p = prepare_data([str(data)], "auto", make_tokenizer(), None, log=lambda _: None)
     assert p.stats.cache == ""
     assert sorted(x.name for x in tmp_path.iterdir()) == ["d.jsonl"]
+
+
+# one process tokenizes (slowly: it sleeps first), the other is started while it does and must wait for it
+_PREPARER = """
+import sys, time
+sys.path[:0] = [sys.argv[4], sys.argv[5]]
+from toy import make_tokenizer
+import chatft.data.dataset as d
+real = d.tokenize_records
+def slow(*args, **kwargs):
+    print("TOKENIZING", flush=True)
+    time.sleep(float(sys.argv[3]))
+    return real(*args, **kwargs)
+d.tokenize_records = slow
+p = d.prepare_data([sys.argv[1]], "auto", make_tokenizer(), None, max_seq_length=64, log=print, cache_dir=sys.argv[2])
+print("ROWS", p.dataset.to_list())
+print(*p.stats.lines(), sep="\\n")
+"""
+
+
+def test_two_processes_on_the_same_data_tokenize_once(data, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "prepare.py"
+    script.write_text(_PREPARER)
+    tests = Path(__file__).parent
+
+    def start(delay: float) -> subprocess.Popen:
+        cmd = [
+            sys.executable,
+            str(script),
+            str(data),
+            str(tmp_path / "cache"),
+            str(delay),
+            str(tests),
+            str(tests.parent),
+        ]
+        return subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path
+        )
+
+    first = start(3.0)
+    said = []
+    while not said or said[-1] not in ("TOKENIZING\n", ""):  # "": it ended without tokenizing
+        said.append(first.stdout.readline())
+    assert said[-1] == "TOKENIZING\n", "".join(said)
+    second = start(0.0)
+    out_first = "".join(said) + first.communicate(timeout=120)[0]
+    out_second = second.communicate(timeout=120)[0]
+    assert first.returncode == 0 and second.returncode == 0, out_first + out_second
+    assert "TOKENIZING" not in out_second  # never N-fold work
+    assert "waiting for another process that prepares the same data" in out_second
+    assert f"preprocessed by this process (pid {first.pid})" in out_first
+    assert f"prepared by pid {first.pid})" in out_second  # which process did it, in the report
+    rows = [line for line in out_first.splitlines() if line.startswith("ROWS")]
+    assert rows and rows == [line for line in out_second.splitlines() if line.startswith("ROWS")]

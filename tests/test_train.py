@@ -414,6 +414,7 @@ def test_two_processes_of_half_the_batch_train_as_one_process_of_the_whole(
         cmd += ["--deepspeed", str(ROOT / "configs" / deepspeed)]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "[process 1] train data: read from the cache" in r.stdout  # prepared once, by process 0
     if packing == "True":
         assert "is 2 packed row(s) on each of 2 processes" in r.stdout + r.stderr
     losses = logged_losses(one)

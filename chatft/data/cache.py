@@ -1,27 +1,33 @@
 """The on-disk cache of prepared data: an entry is a folder named by the cache key (dataset.cache_key) holding the
-dataset (Arrow, loaded memory-mapped) and meta.json (the statistics, problems, formats and the log lines to
-replay); written to a temporary folder and moved into place, so a reader never sees half an entry. Also the
-key's ingredients a data file and a tokenizer give.
+tokenized Arrow files as the workers wrote them (loaded memory-mapped, never copied), keep.npy (the rows trained,
+when not all are) and meta.json (the statistics, problems, formats and the log lines to replay). It is written in
+a temporary folder beside it and renamed into place, so a reader never sees half an entry, under a lock file, so
+that processes preparing the same data prepare it once: the others wait, then read it. Also the key's
+ingredients a data file and a tokenizer give.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 import datasets
+import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from chatft.data.schema import Problem
 from chatft.data.stats import DataStats, PreparedData
 
-CACHE_FORMAT = 3  # bump when what is stored changes shape
+CACHE_FORMAT = 4  # bump when what is stored changes shape
 
 
 def tokenizer_files(tokenizer: PreTrainedTokenizerBase) -> list[tuple[str, bytes]]:
@@ -39,31 +45,49 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_cached(folder: Path, prepared: PreparedData, lines: list[str]) -> None:
+def new_entry(folder: Path) -> Path:
+    """A fresh temporary folder beside the entry's place (the same file system: moved into place at the end)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    bars = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
-        prepared.dataset.save_to_disk(str(tmp / "dataset"))
-        stats = asdict(prepared.stats)
-        stats.pop("seconds")
-        stats.pop("cache")
-        meta = {
-            "stats": stats,
-            "problems": [asdict(p) for p in prepared.problems],
-            "formats": prepared.formats,
-            "log": lines,
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
-        if folder.exists():  # rebuilt (overwrite_cache) or written meanwhile by another process
-            shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
-    finally:
-        if bars:
-            datasets.enable_progress_bars()
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+
+
+@contextmanager
+def entry_lock(folder: Path, log: Callable[[str], None]) -> Iterator[bool]:
+    """Hold the entry's lock file (folder + ".lock") while it is looked up and, on a miss, written: a second
+    process preparing the same data waits (it is told so) and then reads the entry. Yields whether it waited."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f"{folder.name}.lock", "a+b") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            waited = False
+        except BlockingIOError:
+            log(f"waiting for another process that prepares the same data (cache {folder})")
+            started = time.perf_counter()
+            fcntl.flock(f, fcntl.LOCK_EX)
+            waited = True
+            log(f"waited {time.perf_counter() - started:.1f} s; reading what it prepared")
+        try:
+            yield waited
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def save_cached(work: Path, folder: Path, prepared: PreparedData, lines: list[str]) -> None:
+    """work (a new_entry holding the tokenized Arrow files, encoded*.arrow, and keep.npy when not every row is
+    kept) gets meta.json and becomes the entry: renamed into place, so a reader never sees half an entry."""
+    stats = asdict(prepared.stats)
+    for key in ("seconds", "stages", "cache", "lengths"):  # lengths: the dataset's length column
+        stats.pop(key)
+    meta = {
+        "stats": stats,
+        "problems": [asdict(p) for p in prepared.problems],
+        "formats": prepared.formats,
+        "log": lines,
+    }
+    (work / "meta.json").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
+    if folder.exists():  # rebuilt (overwrite_cache)
+        shutil.rmtree(folder, ignore_errors=True)
+    os.replace(work, folder)
 
 
 def load_cached(folder: Path, log: Callable[[str], None]) -> PreparedData | None:
@@ -72,11 +96,28 @@ def load_cached(folder: Path, log: Callable[[str], None]) -> PreparedData | None
         return None
     try:
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
-        dataset = datasets.load_from_disk(str(folder / "dataset"))
+        dataset = encoded_dataset(folder)
+        lengths = dataset["length"][:] if len(dataset) else []
     except (OSError, ValueError, KeyError):  # a damaged entry is a miss; it is rewritten
         return None
     for line in meta["log"]:
         log(line)
-    stats = DataStats(**meta["stats"], cache=str(folder))
+    stats = DataStats(**meta["stats"], lengths=list(lengths), cache=str(folder))
     problems = [Problem(**p) for p in meta["problems"]]
     return PreparedData(dataset, stats, problems, meta["formats"])
+
+
+KEPT_COLUMNS = ("file", "record", "input_ids", "labels", "length")
+
+
+def encoded_dataset(folder: Path) -> datasets.Dataset:
+    """The rows training reads from a folder of tokenized Arrow files (memory-mapped), with the columns it reads:
+    every row, or those keep.npy lists."""
+    parts = [datasets.Dataset.from_file(str(f)) for f in sorted(folder.glob("encoded*.arrow"))]
+    if not parts:
+        raise ValueError(f"{folder}: no encoded*.arrow")
+    dataset = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    keep = folder / "keep.npy"
+    if keep.is_file():
+        dataset = dataset.select(np.load(keep))
+    return dataset.select_columns(list(KEPT_COLUMNS))

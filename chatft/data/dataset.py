@@ -8,6 +8,11 @@ example; the summary counts the conversations split, the examples they gave and 
 
 Shared by scripts/check_data.py and finetune.py, so the checker and training can never disagree.
 
+Memory does not grow with the data: the records are read in a stream into an Arrow file (raw.py), parsed,
+validated, rendered and tokenized by worker processes (datasets.map; --preprocessing_num_workers, by default the
+cores) into Arrow files, memory-mapped; the statistics are read from their small columns (length, trained
+tokens, notes), never from the token lists. What stays in memory is O(examples) integers (the lengths).
+
 With a cache folder, the result is kept on disk under a key made of everything that can change it: each data
 file's name and content hash, the tokenizer's serialized files, the template, the format, the length settings and
 the source of the data code, and the chat_template_kwargs. A second run with the same key loads it (memory-mapped Arrow) instead of
@@ -18,22 +23,38 @@ The report on the result (DataStats, the Sanity Check) is stats.py; storing and 
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import datasets
+import numpy as np
+import pyarrow.compute as pc
 from transformers import PreTrainedTokenizerBase
 
 from chatft.args import check_lengths
-from chatft.data.cache import CACHE_FORMAT, file_digest, load_cached, save_cached, tokenizer_files
-from chatft.data.formats import LoadedData, expand_paths, load_conversations
-from chatft.data.schema import Conversation, Message, Problem, ToolCall
+from chatft.data.cache import (
+    CACHE_FORMAT,
+    KEPT_COLUMNS,
+    encoded_dataset,
+    entry_lock,
+    file_digest,
+    load_cached,
+    new_entry,
+    save_cached,
+    tokenizer_files,
+)
+from chatft.data.files import _json_message, expand_paths
+from chatft.data.raw import RawData, read_raw
+from chatft.data.readers import parse_record
+from chatft.data.schema import Conversation, Message, Problem, RecordError, ToolCall
 from chatft.data.stats import NOTES_SHOWN, DataStats, PreparedData, sanity_check_lines
 from chatft.data.templates import (
     IGNORE_INDEX,
@@ -59,7 +80,7 @@ __all__ = [
     "conversation_to_json",
     "prepare_data",
     "sanity_check_lines",
-    "tokenize_conversations",
+    "tokenize_records",
     "tools_fallback_note",
 ]
 
@@ -92,24 +113,59 @@ def conversation_from_json(text: str) -> Conversation:
     return Conversation(messages, d["tools"], d["raw"])
 
 
-_COLUMNS = ("file", "record", "input_ids", "labels", "closers", "truncated", "error", "note", "examples")
+ENCODED_FEATURES = datasets.Features(
+    {
+        "file": datasets.Value("string"),
+        "record": datasets.Value("int64"),
+        "input_ids": datasets.List(datasets.Value("int32")),
+        "labels": datasets.List(datasets.Value("int32")),
+        "length": datasets.Value("int32"),  # len(input_ids)
+        "trained": datasets.Value("int32"),  # labels that are not IGNORE_INDEX
+        "closers": datasets.List(datasets.Value("int32")),
+        "truncated": datasets.Value("bool"),
+        "field": datasets.Value("string"),  # with error: the record's problem, located
+        "error": datasets.Value("string"),
+        "note": datasets.Value("string"),
+        # on a record's first row: (its examples, their tokens, its whole rendering's tokens) when the template
+        # split it, else (1, 0, 0); (0, 0, 0) on its other rows and on an invalid record's row
+        "examples": datasets.List(datasets.Value("int64")),
+        "tools": datasets.Value("bool"),  # the record has tools, tool calls or tool results
+    }
+)
 
 
 def _encode_batch(
-    batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, settings: EncodeSettings
+    batch: dict[str, list],
+    tokenizer: PreTrainedTokenizerBase,
+    settings: EncodeSettings,
+    parse_as: dict[str, str],
 ) -> dict:
-    """Each record -> one row per example (several for a conversation the template splits), or one row with
-    its error. `examples` on a record's first row: (its examples, their tokens, its whole rendering's tokens)
-    when it was split, else (1, 0, 0); (0, 0, 0) on its other rows."""
-    out: dict[str, list] = {k: [] for k in _COLUMNS}
+    """Each raw record (chatft.data.raw) -> parsed, validated, one row per example (several for a conversation
+    the template splits), or one row with its located problem."""
+    out: dict[str, list] = {k: [] for k in ENCODED_FEATURES}
 
     def add(file: str, record: int, **row) -> None:
-        for key in _COLUMNS:
-            out[key].append({"file": file, "record": record, **row}[key])
+        row = {**_EMPTY, "file": file, "record": record, **row}
+        for key in ENCODED_FEATURES:
+            out[key].append(row[key])
 
-    for file, record, text in zip(batch["file"], batch["record"], batch["conversation"], strict=True):
+    for file, record, text, field, error in zip(
+        batch["file"], batch["record"], batch["text"], batch["field"], batch["error"], strict=True
+    ):
+        if error:
+            add(file, record, field=field, error=error)
+            continue
         try:
-            conv = conversation_from_json(text)
+            value = json.loads(text)
+        except (ValueError, RecursionError) as e:
+            add(file, record, field="(json)", error=_json_message(e))
+            continue
+        try:
+            conv = parse_record(value, parse_as[file])
+        except RecordError as e:
+            add(file, record, field=e.field, error=e.message)
+            continue
+        try:
             examples = encode_examples(
                 conv, tokenizer, settings.template, settings.max_source_length, settings.max_target_length
             )
@@ -119,17 +175,32 @@ def _encode_batch(
                 whole_tokens = len(tokenizer(whole, add_special_tokens=False)["input_ids"])
                 split = (len(examples), sum(len(e.input_ids) for e in examples), whole_tokens)
         except TemplateError as e:
-            add(file, record, input_ids=[], labels=[], closers=[], truncated=False, error=str(e), note="",
-                examples=(0, 0, 0))  # fmt: skip
+            add(file, record, field="(template)", error=str(e))
             continue
         for k, enc in enumerate(examples):
             kept, cut = truncate(enc, settings.max_seq_length)
             note = _note(enc, kept, cut, settings)
             if note and len(examples) > 1:
                 note = f"example {k + 1} of {len(examples)} (turns {', '.join(map(str, enc.turns))}): {note}"
-            add(file, record, input_ids=kept.input_ids, labels=kept.labels, closers=kept.closers, truncated=cut,
-                error="", note=note, examples=split if k == 0 else (0, 0, 0))  # fmt: skip
+            add(file, record, input_ids=kept.input_ids, labels=kept.labels, length=len(kept.input_ids),
+                trained=sum(1 for label in kept.labels if label != IGNORE_INDEX), closers=kept.closers,
+                truncated=cut, note=note, examples=split if k == 0 else (0, 0, 0), tools=_has_tools(conv))  # fmt: skip
     return out
+
+
+_EMPTY = {  # a row's columns when not given
+    "field": "",
+    "error": "",
+    "note": "",
+    "tools": False,
+    "input_ids": [],
+    "labels": [],
+    "length": 0,
+    "trained": 0,
+    "closers": [],
+    "truncated": False,
+    "examples": (0, 0, 0),
+}
 
 
 def _note(enc: Encoded, kept: Encoded, cut: bool, settings: EncodeSettings) -> str:
@@ -158,19 +229,20 @@ def _has_tools(conv: Conversation) -> bool:
     return conv.tools is not None or any(m.tool_calls or m.role == "tool" for m in conv.messages)
 
 
+TOOLS_FALLBACK_NOTE = (
+    "tools: the chat template has no notion of tools; rendering tool definitions as system text, tool "
+    "calls as <tool_call> JSON in the assistant turn and results as <tool_response> user turns (README: "
+    "Templates and labels)"
+)
+
+
 def tools_fallback_note(
     template: Template | None, tokenizer: PreTrainedTokenizerBase, conversations: Iterable[Conversation]
 ) -> str | None:
     """What to say when the data has tools and the chat template has no notion of them (None otherwise)."""
     if template is None or template_supports_tools(template, tokenizer):
         return None
-    if not any(_has_tools(c) for c in conversations):
-        return None
-    return (
-        "tools: the chat template has no notion of tools; rendering tool definitions as system text, tool "
-        "calls as <tool_call> JSON in the assistant turn and results as <tool_response> user turns (README: "
-        "Templates and labels)"
-    )
+    return TOOLS_FALLBACK_NOTE if any(_has_tools(c) for c in conversations) else None
 
 
 def check_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
@@ -184,65 +256,87 @@ def check_tokenizer(tokenizer: PreTrainedTokenizerBase) -> None:
         )
 
 
-def tokenize_conversations(
-    loaded: LoadedData,
+MIN_RECORDS_PER_WORKER = 5_000  # below this a worker process costs more to start than it saves
+
+
+def default_workers(records: int, cores: int | None = None) -> int:
+    """Worker processes for tokenizing when --preprocessing_num_workers is not given: the cores this process may
+    use (affinity, CPU quota), no more than one per MIN_RECORDS_PER_WORKER records."""
+    if cores is None:
+        from chatft.threads import cgroup_cpu_limit
+
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        quota = cgroup_cpu_limit()
+        cores = max(1, min(cores, int(quota))) if quota else cores
+    return max(1, min(cores, records // MIN_RECORDS_PER_WORKER))
+
+
+def tokenize_records(
+    raw: RawData,
     tokenizer: PreTrainedTokenizerBase,
     settings: EncodeSettings,
+    folder: Path,
     num_proc: int | None = None,
-) -> PreparedData:
-    """Encode every valid record; a record the template cannot render becomes a located problem."""
+    log: Callable[[str], None] = print,
+    say: Callable[[str], None] = print,
+) -> tuple[datasets.Dataset, DataStats, list[Problem]]:
+    """Encode every raw record into folder (Arrow, one file per worker); the rows kept (valid, with a trained
+    token), their statistics (read from the small columns, never the token lists) and the located problems.
+    log: what a cached run replays; say: what only this run says."""
     start = time.perf_counter()
-    if not loaded.records:  # nothing valid: datasets.map on an empty dataset adds no columns
-        empty = datasets.Dataset.from_dict({"input_ids": [], "labels": [], "file": [], "record": []})
-        stats = DataStats(records_read=loaded.records_read, invalid=loaded.invalid)
-        return PreparedData(empty, stats, list(loaded.problems), loaded.formats)
-    raw = datasets.Dataset.from_dict(
-        {
-            "file": [f for f, _, _ in loaded.records],
-            "record": [line for _, line, _ in loaded.records],
-            "conversation": [conversation_to_json(c) for _, _, c in loaded.records],
-        }
-    )
-    encoded = raw.map(  # more rows than records where a conversation is split
+    workers = num_proc if num_proc else default_workers(len(raw.dataset))
+    workers = max(1, min(workers, len(raw.dataset) // 2 or 1))
+    say(f"tokenizing {len(raw.dataset)} records with {workers} process(es)")
+    encoded = raw.dataset.map(  # more rows than records where a conversation is split
         _encode_batch,
         batched=True,
-        fn_kwargs={"tokenizer": tokenizer, "settings": settings},
-        num_proc=num_proc if num_proc and num_proc > 1 and len(raw) >= 2 * num_proc else None,
-        remove_columns=raw.column_names,
+        batch_size=500,
+        writer_batch_size=500,
+        fn_kwargs={"tokenizer": tokenizer, "settings": settings, "parse_as": raw.parse_as},
+        num_proc=workers if workers > 1 else None,
+        remove_columns=raw.dataset.column_names,
+        features=ENCODED_FEATURES,
+        cache_file_name=str(folder / "encoded.arrow"),
+        load_from_cache_file=False,
         desc="tokenizing",
     )
-    problems = list(loaded.problems)
-    files, records, errors = encoded["file"], encoded["record"], encoded["error"]
-    problems.extend(
-        Problem(f, r, "(template)", e) for f, r, e in zip(files, records, errors, strict=True) if e
-    )
-    has_trained = [any(label != IGNORE_INDEX for label in labels) for labels in encoded["labels"]]
-    keep = [i for i, (e, t) in enumerate(zip(errors, has_trained, strict=True)) if not e and t]
-    n_errors = sum(1 for e in errors if e)
-    stats = DataStats(
-        records_read=loaded.records_read,
-        valid=len(loaded.records) - n_errors,
-        invalid=loaded.invalid + n_errors,
-        skipped=sum(1 for e, t in zip(errors, has_trained, strict=True) if not e and not t),
-    )
-    notes = encoded["note"]
-    stats.notes = [f"{files[i]}:{records[i]}: {n}" for i, n in enumerate(notes) if n][:NOTES_SHOWN]
-    split = [e for e in encoded["examples"] if e[0] > 1]
+    tokenized = time.perf_counter()
+    table = encoded.data
+    error = pc.not_equal(table.column("error"), "")
+    has_trained = pc.greater(table.column("trained"), 0)
+    keep = pc.and_(pc.invert(error), has_trained)
+    problems = list(raw.problems)
+    bad = table.filter(error).select(["file", "record", "field", "error"]).to_pydict()
+    problems.extend(map(Problem, bad["file"], bad["record"], bad["field"], bad["error"]))
+    problems.sort(key=lambda p: (p.file, p.line))
+    first_rows = pc.list_element(table.column("examples"), 0)
+    stats = DataStats(records_read=raw.records_read)
+    stats.valid = pc.sum(pc.greater(first_rows, 0)).as_py() or 0
+    stats.invalid = raw.records_read - stats.valid
+    stats.skipped = pc.sum(pc.and_(pc.invert(error), pc.invert(has_trained))).as_py() or 0
+    notes = table.filter(pc.not_equal(table.column("note"), "")).slice(0, NOTES_SHOWN)
+    notes = notes.select(["file", "record", "note"]).to_pydict()
+    stats.notes = [
+        f"{f}:{r}: {n}" for f, r, n in zip(notes["file"], notes["record"], notes["note"], strict=True)
+    ]
+    split = table.filter(pc.greater(first_rows, 1)).column("examples").to_pylist()
     stats.split, stats.split_examples = len(split), sum(e[0] for e in split)
     stats.split_tokens, stats.split_whole_tokens = sum(e[1] for e in split), sum(e[2] for e in split)
-    dataset = encoded.select(keep).remove_columns(["error", "truncated", "closers", "note", "examples"])
-    truncated = encoded["truncated"]
-    stats.truncated = sum(1 for i in keep if truncated[i])
-    stats.lengths = [len(x) for x in dataset["input_ids"]]
-    stats.trained_tokens = sum(
-        sum(1 for label in labels if label != IGNORE_INDEX) for labels in dataset["labels"]
-    )
-    all_closers = encoded["closers"]
-    closers = Counter(c for i in keep for c in all_closers[i])
-    stats.closing_tokens = {tokenizer.convert_ids_to_tokens(c): n for c, n in closers.most_common()}
-    stats.seconds = time.perf_counter() - start
-    problems.sort(key=lambda p: (p.file, p.line))
-    return PreparedData(dataset, stats, problems, loaded.formats)
+    kept = table.filter(keep)
+    stats.truncated = pc.sum(kept.column("truncated")).as_py() or 0
+    stats.trained_tokens = pc.sum(kept.column("trained")).as_py() or 0
+    stats.lengths = kept.column("length").to_pylist()
+    closers = pc.value_counts(pc.list_flatten(kept.column("closers"))).to_pylist()
+    closers.sort(key=lambda c: -c["counts"])  # most common first; ties keep the order first seen
+    stats.closing_tokens = {tokenizer.convert_ids_to_tokens(c["values"]): c["counts"] for c in closers}
+    tools = pc.any(table.column("tools")).as_py()
+    if tools and settings.template is not None and not template_supports_tools(settings.template, tokenizer):
+        log(TOOLS_FALLBACK_NOTE)
+    if not pc.all(keep).as_py():
+        np.save(folder / "keep.npy", np.flatnonzero(keep.to_numpy(zero_copy_only=False)))
+    now = time.perf_counter()
+    stats.stages = {"tokenizing": tokenized - start, "statistics": now - tokenized}
+    return encoded_dataset(folder), stats, problems
 
 
 def prepare_data(
@@ -260,8 +354,10 @@ def prepare_data(
     overwrite_cache: bool = False,
     chat_template_kwargs: str | dict | None = None,
 ) -> PreparedData:
-    """Read, validate and tokenize; with cache_dir, load the result of an identical earlier call from there.
-    chat_template_kwargs (a dict or its JSON text) go to every rendering of the chat template.
+    """Read, validate and tokenize in a stream into Arrow files on disk; with cache_dir, load the result of an
+    identical earlier call from there (an entry being written by another process is waited for, then read).
+    chat_template_kwargs (a dict or its JSON text) go to every rendering of the chat template. num_proc: the
+    worker processes (None: default_workers).
 
     stats.seconds is the wall time of this call; stats.cache is the folder it was loaded from ("" if tokenized).
     """
@@ -269,44 +365,85 @@ def prepare_data(
     check_lengths(max_seq_length, max_source_length, max_target_length)
     check_tokenizer(tokenizer)
     template_kwargs = parse_chat_template_kwargs(chat_template_kwargs)
-    folder = None
-    if cache_dir is not None:
-        key = cache_key(
-            paths,
-            fmt,
-            tokenizer,
-            template_name,
-            max_seq_length,
-            max_source_length,
-            max_target_length,
-            chat_template_kwargs=template_kwargs,
-        )
-        folder = Path(cache_dir).expanduser() / key
-        if not overwrite_cache:
-            cached = load_cached(folder, log)
-            if cached is not None:
-                cached.stats.seconds = time.perf_counter() - start
-                return cached
-    lines: list[str] = []
+    if cache_dir is None:
+        work = Path(tempfile.mkdtemp(prefix="chatft-data-"))
+        atexit.register(shutil.rmtree, work, ignore_errors=True)  # memory-mapped until the process ends
+        prepared = _prepare(paths, fmt, tokenizer, template_name, template_kwargs, max_seq_length,
+                            max_source_length, max_target_length, num_proc, log, log, work)  # fmt: skip
+        prepared.stats.seconds = time.perf_counter() - start
+        return prepared
+    key = cache_key(
+        paths,
+        fmt,
+        tokenizer,
+        template_name,
+        max_seq_length,
+        max_source_length,
+        max_target_length,
+        chat_template_kwargs=template_kwargs,
+    )
+    folder = Path(cache_dir).expanduser() / key
+    with entry_lock(folder, log) as waited:
+        cached = None if overwrite_cache and not waited else load_cached(folder, log)
+        if cached is None:
+            lines: list[str] = []
 
-    def log_and_keep(line: str) -> None:
-        lines.append(line)
-        log(line)
+            def log_and_keep(line: str) -> None:
+                lines.append(line)
+                log(line)
 
-    loaded = load_conversations(paths, fmt, log=log_and_keep)
-    raw_only = all(c.raw for _, _, c in loaded.records)
+            work = new_entry(folder)
+            try:
+                prepared = _prepare(paths, fmt, tokenizer, template_name, template_kwargs, max_seq_length,
+                                    max_source_length, max_target_length, num_proc, log_and_keep, log, work)  # fmt: skip
+                prepared.stats.prepared_by = process_name()
+                if len(prepared.dataset):  # nothing to train on is not worth keeping
+                    save_cached(work, folder, prepared, lines)
+                    cached = load_cached(folder, lambda _line: None)  # the files in their place
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+            if cached is None:
+                prepared.stats.seconds = time.perf_counter() - start
+                return prepared
+            cached.stats.cache, cached.stats.stages = "", prepared.stats.stages
+            log(f"preprocessed by this process ({process_name()}) into the cache {folder}")
+    cached.stats.seconds = time.perf_counter() - start
+    return cached
+
+
+def _prepare(
+    paths: list[str],
+    fmt: str,
+    tokenizer: PreTrainedTokenizerBase,
+    template_name: str | None,
+    template_kwargs: dict,
+    max_seq_length: int,
+    max_source_length: int | None,
+    max_target_length: int | None,
+    num_proc: int | None,
+    log: Callable[[str], None],
+    say: Callable[[str], None],
+    work: Path,
+) -> PreparedData:
+    started = time.perf_counter()
+    raw = read_raw(paths, fmt, work, log)
+    read = time.perf_counter() - started
+    raw_only = all(f == "input-output" for f in raw.parse_as.values())
     template = None if raw_only else get_template(template_name, tokenizer, template_kwargs)
-    note = tools_fallback_note(template, tokenizer, (c for _, _, c in loaded.records))
-    if note:
-        log_and_keep(note)
     settings = EncodeSettings(template, max_seq_length, max_source_length, max_target_length)
-    prepared = tokenize_conversations(loaded, tokenizer, settings, num_proc)
-    if folder is not None and len(prepared.dataset):  # nothing to train on is not worth keeping
-        save_cached(folder, prepared, lines)
-        # later steps (training) read the memory-mapped copy, as a cached run would
-        prepared.dataset = datasets.load_from_disk(str(folder / "dataset"))
-    prepared.stats.seconds = time.perf_counter() - start
-    return prepared
+    if not len(raw.dataset):  # nothing readable: datasets.map on an empty dataset adds no columns
+        empty = datasets.Dataset.from_dict({k: [] for k in KEPT_COLUMNS})
+        stats = DataStats(records_read=raw.records_read, invalid=raw.records_read)
+        return PreparedData(empty, stats, list(raw.problems), raw.formats)
+    dataset, stats, problems = tokenize_records(raw, tokenizer, settings, work, num_proc, log, say)
+    stats.stages = {"reading": read, **stats.stages}
+    (work / "raw.arrow").unlink(missing_ok=True)  # read by the map; memory-mapped no more
+    return PreparedData(dataset, stats, problems, raw.formats)
+
+
+def process_name() -> str:
+    rank = os.environ.get("RANK")
+    return f"rank {rank}, pid {os.getpid()}" if rank is not None else f"pid {os.getpid()}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -315,6 +452,7 @@ def prepare_data(
 _DATA_CODE = (  # the modules whose code makes the prepared data
     "schema.py",
     "files.py",
+    "raw.py",
     "fields.py",
     "readers.py",
     "formats.py",

@@ -37,7 +37,9 @@ class DataStats:
     # "FILE:LINE: skipped|truncated: why" of the first NOTES_SHOWN such records
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    stages: dict[str, float] = field(default_factory=dict)  # seconds of each stage of preprocessing, in order
     cache: str = ""  # the cache folder this came from ("" when tokenized in this run)
+    prepared_by: str = ""  # the process that tokenized it ("rank 0, pid 123" or "pid 123")
 
     def lines(self) -> list[str]:
         out = [
@@ -69,8 +71,10 @@ class DataStats:
             more = self.skipped + self.truncated - shown
             out.append(f"skipped and truncated examples{f' (the first {shown})' if more > 0 else ''}:")
             out += [f"  {note}" for note in self.notes]
-        source = f" (loaded from the cache {self.cache})" if self.cache else ""
-        out.append(f"preprocessing took {self.seconds:.1f} s{source}")
+        by = f", prepared by {self.prepared_by}" if self.prepared_by else ""
+        source = f" (loaded from the cache {self.cache}{by})" if self.cache else ""
+        stages = ", ".join(f"{name} {s:.1f} s" for name, s in self.stages.items())
+        out.append(f"preprocessing took {self.seconds:.1f} s{source}{f': {stages}' if stages else ''}")
         return out
 
 

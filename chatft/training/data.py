@@ -29,9 +29,16 @@ def prepare_sft(
         data_args.preprocessing_num_workers,
         log=log,
         cache_dir=preprocessing_cache_dir(data_args),
-        overwrite_cache=data_args.overwrite_cache,
+        overwrite_cache=data_args.overwrite_cache and prepares_data(data_args),
         chat_template_kwargs=data_args.chat_template_kwargs,
     )
+
+
+def prepares_data(data_args: DataArguments) -> bool:
+    """Whether this process prepares the data (flow.load_sets lets it go first): the first process of its node
+    under torchrun or DeepSpeed, of all nodes with --data_shared_file_system; the others wait, then read its
+    cache (so they never rewrite it, --overwrite_cache or not)."""
+    return os.environ.get("RANK" if data_args.data_shared_file_system else "LOCAL_RANK", "0") == "0"
 
 
 def preprocessing_cache_dir(data_args: DataArguments) -> str | None:

@@ -81,10 +81,14 @@ def load_sets(
     log: Callable[[str], None],
     what: str = "",
 ) -> tuple[Any, Any | None]:
-    """(train, eval or None): each data set prepared (the main process first: the others read its cache) and
-    reported; refused when it has invalid records (unless skipped) or nothing to train on."""
+    """(train, eval or None): each data set prepared (the first process of each node first, of all nodes with
+    --data_shared_file_system: the others wait, then read its cache; each says which it read) and reported;
+    refused when it has invalid records (unless skipped) or nothing to train on."""
     prepared = []
-    with bad_input_stops(), training_args.main_process_first(desc="preprocessing"):
+    first = training_args.main_process_first(
+        local=not data_args.data_shared_file_system, desc="preprocessing"
+    )
+    with bad_input_stops(), first:
         for name, files in (("train", data_args.train_file), ("eval", data_args.eval_file)):
             if not files:
                 prepared.append(None)
@@ -93,10 +97,22 @@ def load_sets(
             prepared.append(prepare(files))
             for line in report(prepared[-1]):
                 log(line)
+            if training_args.world_size > 1 and training_args.process_index != 0:
+                print(_read_by_another(training_args.process_index, name, prepared[-1]), flush=True)
     refusal = data_refused(data_args, *prepared)
     if refusal:
         raise StageError(refusal, 1)
     return prepared[0], prepared[1]
+
+
+def _read_by_another(process: int, name: str, prepared: Any) -> str:
+    """What a process that did not print the data report says about its data (one line)."""
+    stats = getattr(prepared, "stats", None)
+    cache = getattr(stats, "cache", "")
+    if cache:
+        by = f", prepared by {stats.prepared_by}" if stats.prepared_by else ""
+        return f"[process {process}] {name} data: read from the cache {cache}{by}"
+    return f"[process {process}] {name} data: prepared by this process (no cache to share)"
 
 
 def seeded_model(training_args, build: Callable[[], Any]) -> tuple[str | None, Any]:

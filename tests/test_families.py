@@ -237,3 +237,23 @@ def test_a_packed_row_gives_each_example_its_own_logits(family, one_thread):
             own = alone(input_ids=torch.tensor([ex]), use_cache=False).logits[0]
             torch.testing.assert_close(packed[start : start + len(ex)], own, atol=1e-5, rtol=1e-4)
             start += len(ex)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_labels_tokenize_as_the_tokenizer_call_does(family):
+    """chatft.data.labels.token_offsets calls the Rust tokenizer directly where that gives what the tokenizer's call
+    gives: on every family's renderings (special tokens, added tokens, byte-level BPE) it does, and with truncation
+    set on the Rust tokenizer (which the call turns off) it goes through the call."""
+    from chatft.data.labels import _direct, token_offsets
+
+    tok = make_tokenizer(family)
+    assert _direct(tok) is not None
+    texts = [tok.apply_chat_template(m, tokenize=False) for m in SAMPLE_CONVERSATIONS]
+    for text in texts:
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        assert token_offsets(tok, text) == (enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]])
+    tok.backend_tokenizer.enable_truncation(3)
+    assert _direct(tok) is None
+    enc = tok(texts[0], add_special_tokens=False, return_offsets_mapping=True)
+    assert len(enc["input_ids"]) > 3
+    assert token_offsets(tok, texts[0]) == (enc["input_ids"], enc["offset_mapping"])

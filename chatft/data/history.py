@@ -67,7 +67,10 @@ def plan_examples(conv: Conversation, tokenizer: PreTrainedTokenizerBase, templa
     trained = [i for i, t in enumerate(r.trained) if t]
     if trained and trained[0] == 0:
         raise TemplateError("an assistant turn cannot be the first message")
-    uptos = {i: _render(tokenizer, template, msgs[: i + 1], tools, False) for i in trained}
+    uptos = {  # the last message's is the whole rendering
+        i: full if i == len(msgs) - 1 else _render(tokenizer, template, msgs[: i + 1], tools, False)
+        for i in trained
+    }
     _check_reasoning_has_a_place(tokenizer, template, msgs, tools, uptos)
     if not trained:
         return [Piece(full, [], [])]

@@ -45,11 +45,10 @@ def encode_piece(piece: Piece, tokenizer: PreTrainedTokenizerBase) -> Encoded:
     Anything else (the turn's text followed by ordinary text, or holding the closer before its end) is refused
     with the reason: the model would not learn where its turn ends."""
     text = piece.text
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids: list[int] = list(enc["input_ids"])
-    starts = [s for s, _ in enc["offset_mapping"]]
+    ids, offsets = token_offsets(tokenizer, text)
+    starts = [s for s, _ in offsets]
     # a zero-width token counts for the character at s
-    ends = [max(e, s + 1) for s, e in enc["offset_mapping"]]
+    ends = [max(e, s + 1) for s, e in offsets]
     labels = [IGNORE_INDEX] * len(ids)
     specials = _special_ids(tokenizer)
     eos = tokenizer.eos_token_id
@@ -90,6 +89,39 @@ def encode_piece(piece: Piece, tokenizer: PreTrainedTokenizerBase) -> Encoded:
         turn_ends.append(stop)
         closers.append(closer)
     return Encoded(ids, labels, turn_ends, closers=closers, turns=list(piece.turns))
+
+
+def token_offsets(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """The ids and character offsets of text, no special tokens added: what tokenizer(text,
+    add_special_tokens=False, return_offsets_mapping=True) gives, taken from the Rust tokenizer directly where
+    that is the same (_direct: the Python wrapper costs more than the tokenizing, on a chat turn)."""
+    backend = _direct(tokenizer)
+    if backend is None:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(enc["input_ids"]), list(enc["offset_mapping"])
+    enc = backend.encode(text, add_special_tokens=False)
+    return enc.ids, enc.offsets
+
+
+def _direct(tokenizer: PreTrainedTokenizerBase):
+    """The Rust tokenizer, when calling it gives what the tokenizer's __call__ gives: transformers' own fast
+    tokenizer call (not a subclass's), no truncation or padding set on the Rust tokenizer (the call turns them
+    off), special tokens split as the call splits them. Else None."""
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    backend = getattr(tokenizer, "_tokenizer", None)
+    kind = type(tokenizer)
+    if (
+        backend is None
+        or not isinstance(tokenizer, TokenizersBackend)
+        or kind._encode_plus is not TokenizersBackend._encode_plus
+        or kind.__call__ is not PreTrainedTokenizerBase.__call__
+        or backend.truncation is not None
+        or backend.padding is not None
+        or backend.encode_special_tokens != bool(getattr(tokenizer, "split_special_tokens", False))
+    ):
+        return None
+    return backend
 
 
 def encode_raw(

@@ -173,6 +173,15 @@ class DataArguments:
     overwrite_cache: bool = field(
         default=False, metadata={"help": "Tokenize afresh even when the cache has the data (and rewrite it)."}
     )
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Read, validate, tokenize and pack the training data as training goes (Hugging Face datasets' "
+            "IterableDataset over local files or fsspec URLs), for data larger than the preprocessing cache should "
+            "hold: no epoch count (give --max_steps), no global length grouping; resumes exactly. docs/training.md."
+        },
+    )
+    buffer_size: int = field(default=16384, metadata={"help": "--streaming: records in the shuffle buffer."})
     data_shared_file_system: bool = field(
         default=False,
         metadata={

@@ -31,7 +31,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 
@@ -134,17 +134,7 @@ class PackedDataset(torch.utils.data.Dataset):
         return max(1, *(sum(self.lengths[j] for j in row) for row in self.rows))
 
     def __getitem__(self, i: int) -> dict[str, list[int]]:
-        input_ids: list[int] = []
-        labels: list[int] = []
-        seq_lens: list[int] = []
-        for j in self.rows[i]:
-            example = self.examples[j]
-            ids, lab = list(example["input_ids"]), list(example["labels"])
-            lab[0] = IGNORE_INDEX  # never predicted from the previous example's last token
-            input_ids += ids
-            labels += lab
-            seq_lens.append(len(ids))
-        return {"input_ids": input_ids, "labels": labels, "seq_lens": seq_lens}
+        return packed_row(self.examples[j] for j in self.rows[i])
 
     def summary(self) -> str:
         """One line: examples, rows, fill, examples per row."""
@@ -158,6 +148,22 @@ class PackedDataset(torch.utils.data.Dataset):
             f"packing: {len(self.lengths)} examples into {rows} rows of <= {self.max_seq_length} tokens "
             f"({per_row:.2f} examples per row, rows {100 * fill:.1f}% full){filled}"
         )
+
+
+def packed_row(examples: Iterable[dict]) -> dict[str, list[int]]:
+    """One row of examples ({input_ids, labels}) as the collator takes it: concatenated, with each example's
+    length (seq_lens); each example's first label is IGNORE_INDEX: never predicted from the previous one's last
+    token."""
+    input_ids: list[int] = []
+    labels: list[int] = []
+    seq_lens: list[int] = []
+    for example in examples:
+        ids, lab = list(example["input_ids"]), list(example["labels"])
+        lab[0] = IGNORE_INDEX
+        input_ids += ids
+        labels += lab
+        seq_lens.append(len(ids))
+    return {"input_ids": input_ids, "labels": labels, "seq_lens": seq_lens}
 
 
 def position_ids_for(seq_lens: Sequence[int]) -> list[int]:

@@ -43,7 +43,7 @@ def _whole(path: Path) -> list:
 
 def _streamed(path: Path) -> list:
     out = []
-    for item in raw._items(path, None):
+    for item in raw.items(path):
         if isinstance(item, Problem):
             out.append(item)
         else:

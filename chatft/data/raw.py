@@ -14,11 +14,12 @@ formats.load_file does for records held in memory.
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import datasets
 from tqdm.auto import tqdm
@@ -71,11 +72,11 @@ def read_raw(paths: list[str], fmt: str, folder: Path, log: Callable[[str], Any]
         tqdm(total=total, unit="B", unit_scale=True, desc="reading", disable=_bars_off()) as bar,
     ):
         for file in files:
-            used = _file_format(file, fmt, log, out)
+            used = file_format(file, fmt, log, out)
             if used is not None:
                 out.parse_as[str(file)] = used
             rows: dict[str, list] = {k: [] for k in RAW_FEATURES}
-            for item in _items(file, bar):
+            for item in items(file, bar):
                 out.records_read += 1
                 if used is None:
                     continue
@@ -105,12 +106,12 @@ def _add(rows: dict[str, list], file: str, record: int, text: str, field_: str, 
     rows["error"].append(error)
 
 
-def _file_format(file: Path, fmt: str, log: Callable[[str], Any], out: RawData) -> str | None:
+def file_format(file: str | Path, fmt: str, log: Callable[[str], Any], out: RawData) -> str | None:
     """The format used for this file (None: skipped, its Problem added), logged as formats.load_file logs it."""
     name = str(file)
     first: tuple[int, Any] | None = None
     seen = False
-    for item in _items(file, None):
+    for item in items(file, None):
         seen = True
         if isinstance(item, Problem):
             continue
@@ -140,20 +141,30 @@ def _loads(text: str) -> Any:
         return None
 
 
-def _items(file: Path, bar: tqdm | None) -> Iterator[Item]:
-    """Each line or element, in file order (numbered as files.read_records numbers them); bar counts bytes."""
-    with open(file, "rb") as f:
+def _open(name: str | Path) -> BinaryIO:
+    """A local file, or an fsspec URL (s3://, gs://, hf://, https://: whatever fsspec is configured for)."""
+    name = str(name)
+    if "://" not in name:
+        return open(name, "rb")
+    import fsspec
+
+    return fsspec.open(name, "rb").open()
+
+
+def items(name: str | Path, bar: tqdm | None = None) -> Iterator[Item]:
+    """Each line or element of a local file or URL, in file order (numbered as files.read_records numbers them);
+    bar counts bytes."""
+    with _open(name) as f:
         head = f.read(4096)
     start = len(_BOM) if head.startswith(_BOM) else 0
-    if file.suffix != ".jsonl" and head[start:].lstrip()[:1] == b"[":
-        yield from _array_items(file, start, bar)
+    if not str(name).endswith(".jsonl") and head[start:].lstrip()[:1] == b"[":
+        yield from _array_items(name, start, bar)
     else:
-        yield from _line_items(file, bar)
+        yield from _line_items(name, bar)
 
 
-def _line_items(file: Path, bar: tqdm | None) -> Iterator[Item]:
-    name = str(file)
-    with open(file, "rb") as f:
+def _line_items(name: str | Path, bar: tqdm | None) -> Iterator[Item]:
+    with _open(name) as f:
         for number, raw in enumerate(f, start=1):
             if bar is not None:
                 bar.update(len(raw))
@@ -163,18 +174,18 @@ def _line_items(file: Path, bar: tqdm | None) -> Iterator[Item]:
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                yield _utf8_problem(name, number, raw, e.start)
+                yield _utf8_problem(str(name), number, raw, e.start)
                 continue
             if text.strip():
                 yield number, text, None
 
 
-def _array_items(file: Path, start: int, bar: tqdm | None) -> Iterator[Item]:
+def _array_items(file: str | Path, start: int, bar: tqdm | None) -> Iterator[Item]:
     """The elements of a JSON array, read a chunk at a time. Bad UTF-8 bytes are decoded as surrogates (and the
     element holding one is a Problem, as files.py reports it); at the first element that does not parse, the rest
     is read as files.py reads a broken array, from the whole file."""
     decoder = json.JSONDecoder()
-    with open(file, encoding="utf-8", errors="surrogateescape", newline="") as f:
+    with io.TextIOWrapper(_open(file), encoding="utf-8", errors="surrogateescape", newline="") as f:
         f.read(start and 1)  # the BOM decodes to one character
         buf, eof, pos, n = "", False, 0, 0
 
@@ -234,9 +245,10 @@ def _array_items(file: Path, start: int, bar: tqdm | None) -> Iterator[Item]:
     yield from _rest_of_broken_array(file, n)
 
 
-def _rest_of_broken_array(file: Path, done: int) -> Iterator[Item]:
+def _rest_of_broken_array(file: str | Path, done: int) -> Iterator[Item]:
     """What files.py finds after the first `done` elements of an array that does not read as a whole."""
-    text = file.read_bytes().removeprefix(_BOM).decode("utf-8", "surrogateescape")
+    with _open(file) as f:
+        text = f.read().removeprefix(_BOM).decode("utf-8", "surrogateescape")
     for item in _scan_json_array(str(file), text):
         number = item.line if isinstance(item, Problem) else item[0]
         if number <= done:

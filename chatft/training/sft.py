@@ -25,6 +25,12 @@ from chatft.training.flow import (
 from chatft.training.process import add_process_callbacks, start_process
 from chatft.training.samples import add_sample_answers, base_model, generation_eval_for, read_sample_prompts
 from chatft.training.step_plan import packed_step, plan_micro_batches, resolve_packing, schedule_evaluation
+from chatft.training.stream import (
+    StreamError,
+    add_stream_state,
+    check_streaming_arguments,
+    open_training_stream,
+)
 from chatft.training.time_budget import add_time_budget
 from chatft.training.trainer import ChatTrainer, packed_attention
 
@@ -40,41 +46,57 @@ def run_sft(argv: list[str] | None) -> int:
     with bad_input_stops():
         tokenizer = load_tokenizer(model_args)
         samples = read_sample_prompts(training_args.sample_prompts) if training_args.sample_prompts else None
-    train, evaluation = load_sets(
-        training_args,
-        data_args,
-        lambda files: prepare_sft(files, data_args, model_args, tokenizer, log),
-        lambda prepared: report_lines(prepared, tokenizer),
-        log,
-    )
-    packing = resolve_packing(model_args, data_args, log)
-    packed_train = (
-        PackedDataset(train.dataset, data_args.max_seq_length, train.stats.lengths) if packing else None
-    )
-    if packed_train is not None:
-        packed_step(packed_train, data_args, training_args, log)
+    if data_args.streaming:
+        with bad_input_stops():
+            check_streaming_arguments(data_args, training_args)
+        packing = resolve_packing(model_args, data_args, log)
+        with bad_input_stops():
+            stream, formats, closing_tokens = open_training_stream(
+                data_args, model_args, training_args, tokenizer, packing, log
+            )
+        lengths, evaluation, packed_train = [data_args.max_seq_length], None, None
+    else:
+        train, evaluation = load_sets(
+            training_args,
+            data_args,
+            lambda files: prepare_sft(files, data_args, model_args, tokenizer, log),
+            lambda prepared: report_lines(prepared, tokenizer),
+            log,
+        )
+        formats, closing_tokens, lengths = train.formats, train.stats.closing_tokens, train.stats.lengths
+        packing = resolve_packing(model_args, data_args, log)
+        packed_train = (
+            PackedDataset(train.dataset, data_args.max_seq_length, train.stats.lengths) if packing else None
+        )
+        if packed_train is not None:
+            packed_step(packed_train, data_args, training_args, log)
     log(f"precision: {training_args.precision} ({training_args.precision_why})")
     plan_micro_batches(model_args, data_args, training_args, log)
     schedule_evaluation(evaluation is not None, training_args, log)
 
     resume, model = seeded_model(training_args, lambda: load_model(model_args, training_args))
-    warn_positions(model, data_args.max_seq_length, train.stats.lengths, log)
+    warn_positions(model, data_args.max_seq_length, lengths, log)
     run_args = {
         "model": dataclasses.asdict(model_args),
         # closing_tokens: the ends of turn the data trained, where inference stops too
-        "data": dataclasses.asdict(data_args)
-        | {"formats": train.formats, "closing_tokens": train.stats.closing_tokens},
+        "data": dataclasses.asdict(data_args) | {"formats": formats, "closing_tokens": closing_tokens},
         "training": training_args.to_dict(),
     }
-    train_set, eval_set = training_datasets(train, evaluation, packed_train, data_args, training_args, log)
+    if data_args.streaming:
+        train_set, eval_set = stream, None
+    else:
+        train_set, eval_set = training_datasets(
+            train, evaluation, packed_train, data_args, training_args, log
+        )
     own = attn = base_model(model).config._attn_implementation  # as loaded: the model's choice or the user's
     if packing:
         attn = packed_attention(model, own, log, torch.cuda.is_available() and not training_args.use_cpu)
         collator = PackedCollator.for_backend(tokenizer.pad_token_id, attn)
         if training_args.device.type == "cpu":
-            collator.pad_to_multiple_of = train_set.longest_row
+            longest = data_args.max_seq_length if data_args.streaming else train_set.longest_row
+            collator.pad_to_multiple_of = longest
             log(
-                f"packing: rows padded to {train_set.longest_row} tokens (the longest row) on the CPU: one shape "
+                f"packing: rows padded to {longest} tokens (the longest row) on the CPU: one shape "
                 "for every forward, where each new shape costs oneDNN kernels and memory of its own"
             )
     else:
@@ -91,6 +113,8 @@ def run_sft(argv: list[str] | None) -> int:
         loss_chunk_size=training_args.loss_chunk_size,
         generation_eval=generation_eval_for(model_args, data_args, training_args, tokenizer, own),
     )
+    if data_args.streaming:
+        add_stream_state(trainer, stream, training_args, resume)
     add_process_callbacks(trainer, training_args, log)
     add_time_budget(trainer, training_args, resume, log)
     if samples:
@@ -99,6 +123,8 @@ def run_sft(argv: list[str] | None) -> int:
         trainer.train(resume_from_checkpoint=resume)
     except PackingError as e:
         raise StageError(str(e), 1) from e
+    except StreamError as e:
+        raise StageError(str(e), 2) from e
     model.config.use_cache = True  # off for training only; the saved model generates with its cache
     if attn != own:  # packing's own sdpa; config.json never records the attention
         base_model(model).set_attn_implementation(own)

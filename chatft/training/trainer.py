@@ -76,6 +76,16 @@ class ChatTrainer(Trainer):
         self._total = torch.zeros(4, dtype=torch.long)
         self._window_start = None
 
+    def get_train_dataloader(self):
+        """A stream that reads its own share of the data (chatft.training.stream) is not handed to accelerate,
+        which would read it on the main process only and dispatch the batches (or read it all on each)."""
+        dataset = self.train_dataset
+        if getattr(dataset, "reads_own_share", False):
+            return torch.utils.data.DataLoader(
+                dataset, batch_size=self._train_batch_size, collate_fn=self.data_collator, num_workers=0
+            )
+        return super().get_train_dataloader()
+
     def _get_train_sampler(self, train_dataset=None):
         """Length grouping by StepGroupedSampler instead of the Trainer's (which groups per process and draws
         from the global random state)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -139,3 +140,12 @@ def test_an_invalid_record_stops_the_stream_unless_skipped(tiny_model, tmp_path,
 def test_streaming_needs_max_steps(tiny_model, two_files, tmp_path, capsys):  # noqa: F811
     assert run(tiny_model, two_files, tmp_path / "o", *STREAM, "--num_train_epochs", "1") == 2
     assert "--streaming: give --max_steps" in capsys.readouterr().err
+
+
+def test_a_url_reads_as_the_local_file(two_files):
+    """Any fsspec URL (here file://) gives the rows the local path gives."""
+    from chatft.training.stream import _raw_rows
+
+    local = Path(two_files) / "a.jsonl"
+    url = [{**row, "file": str(local)} for row in _raw_rows([local.as_uri()])]
+    assert url == list(_raw_rows([str(local)])) and len(url) == 12

@@ -301,7 +301,8 @@ def tokenize_records(
         desc="tokenizing",
     )
     tokenized = time.perf_counter()
-    table = encoded.data
+    # the small columns only: filtering a table copies what it holds, and the token lists are most of the data
+    table = encoded.data.table.select([c for c in ENCODED_FEATURES if c not in ("input_ids", "labels")])
     error = pc.not_equal(table.column("error"), "")
     has_trained = pc.greater(table.column("trained"), 0)
     keep = pc.and_(pc.invert(error), has_trained)

@@ -52,12 +52,15 @@ def encode_piece(piece: Piece, tokenizer: PreTrainedTokenizerBase) -> Encoded:
     labels = [IGNORE_INDEX] * len(ids)
     specials = _special_ids(tokenizer)
     eos = tokenizer.eos_token_id
+    # where the special tokens and the EOS are: a turn's own closer and an early end of turn are looked up there
+    marked = [k for k, t in enumerate(ids) if t in specials or t == eos]
     turn_ends, closers = [], []
     for n, span in zip(piece.turns, piece.spans, strict=True):
         first, stop = _token_range(starts, ends, span)
         while first < stop and ids[first] in specials and starts[first] < span[0]:
             first += 1  # a header token that swallows the white space after it (rstrip, as Phi-3's) stays untrained
-        own = [k for k in range(first, stop) if ids[k] in specials]
+        inside = marked[bisect.bisect_left(marked, first) : bisect.bisect_left(marked, stop)]
+        own = [k for k in inside if ids[k] in specials]
         if own:
             stop = own[-1] + 1
         else:
@@ -78,8 +81,9 @@ def encode_piece(piece: Piece, tokenizer: PreTrainedTokenizerBase) -> Encoded:
                     "so the model could not learn where its turn ends; use a template that closes turns with a "
                     "special token"
                 )
-        closer = ids[stop - 1]
-        early = [k for k in range(first, stop - 1) if ids[k] in (closer, eos)]
+        closer = ids[stop - 1]  # a special token, or the EOS: in `marked` wherever else it stands
+        inside = marked[bisect.bisect_left(marked, first) : bisect.bisect_left(marked, stop - 1)]
+        early = [k for k in inside if ids[k] in (closer, eos)]
         if early:
             raise TemplateError(
                 f"assistant turn {n} holds its end-of-turn token {tokenizer.convert_ids_to_tokens(ids[early[0]])!r} "

@@ -11,7 +11,7 @@ import pytest
 from reasoning_templates import REASONING, REWRITING, TEMPLATES, make_tokenizer, token_ids
 
 from chatft.data.check import main as check_main
-from chatft.data.dataset import cache_key, conversation_from_json, conversation_to_json, prepare_data
+from chatft.data.dataset import cache_key, prepare_data
 from chatft.data.formats import load_conversations, parse_record
 from chatft.data.schema import Conversation, Message, RecordError, ToolCall
 from chatft.data.templates import (
@@ -153,13 +153,6 @@ def test_reasoning_problems_are_located(tmp_path):
     assert [str(p) for p in load_conversations([g], log=lambda _: None).problems] == [
         f"{g}:1: conversations[0].reasoning: only allowed on assistant messages"
     ]
-
-
-def test_reasoning_survives_the_datasets_round_trip():
-    conv = chat(
-        ("user", "hi"), answer("hello", "greet back"), answer("", None, tool_calls=[ToolCall("f", {})])
-    )
-    assert conversation_from_json(conversation_to_json(conv)) == conv
 
 
 # ---------------------------------------------------------------------------------------------------- layouts

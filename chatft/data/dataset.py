@@ -31,7 +31,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
@@ -54,7 +54,7 @@ from chatft.data.cache import (
 from chatft.data.files import _json_message, expand_paths
 from chatft.data.raw import RawData, read_raw
 from chatft.data.readers import parse_record
-from chatft.data.schema import Conversation, Message, Problem, RecordError, ToolCall
+from chatft.data.schema import Conversation, Problem, RecordError
 from chatft.data.stats import NOTES_SHOWN, DataStats, PreparedData, sanity_check_lines
 from chatft.data.templates import (
     IGNORE_INDEX,
@@ -76,8 +76,6 @@ __all__ = [
     "PreparedData",
     "cache_key",
     "check_tokenizer",
-    "conversation_from_json",
-    "conversation_to_json",
     "prepare_data",
     "sanity_check_lines",
     "tokenize_records",
@@ -91,26 +89,6 @@ class EncodeSettings:
     max_seq_length: int = 2048
     max_source_length: int | None = None
     max_target_length: int | None = None
-
-
-def conversation_to_json(conv: Conversation) -> str:
-    return json.dumps(asdict(conv), ensure_ascii=False)
-
-
-def conversation_from_json(text: str) -> Conversation:
-    d = json.loads(text)
-    messages = [
-        Message(
-            role=m["role"],
-            content=m["content"],
-            loss=m["loss"],
-            tool_calls=[ToolCall(**c) for c in m["tool_calls"]],
-            name=m["name"],
-            reasoning=m.get("reasoning"),
-        )
-        for m in d["messages"]
-    ]
-    return Conversation(messages, d["tools"], d["raw"])
 
 
 ENCODED_FEATURES = datasets.Features(

@@ -302,3 +302,43 @@ def test_two_processes_gather_the_rewards_of_a_group(setup, tmp_path):
     logged = history(out)[0]
     assert logged["reward"] == pytest.approx(group.mean().item(), abs=1e-4)
     assert logged["reward_std"] == pytest.approx(group.std().item(), abs=1e-4)
+
+
+def test_sample_prompts_show_scored_rollouts_and_leave_training_as_it_was(setup, tmp_path):
+    """--sample_prompts in GRPO: each sample prompt's rollouts (num_generations sampled completions) with the
+    run's rewards against its reference, in samples.jsonl; sampling them draws from a generator of its own, so
+    the run logs the losses and rewards of the same run without them."""
+    samples = tmp_path / "s.jsonl"
+    samples.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
+                                                         {"role": "assistant", "content": a}]}) + "\n"
+                               for q, a in (("1+1=", "2"), ("2+3=", "5"))))  # fmt: skip
+    common = [
+        "--reward_funcs",
+        "accuracy",
+        "length",
+        "--max_steps",
+        "2",
+        "--save_steps",
+        "1",
+        "--logging_steps",
+        "1",
+    ]
+    plain, sampled = tmp_path / "plain", tmp_path / "sampled"
+    assert main(argv(setup, plain, *common)) == 0
+    assert main(argv(setup, sampled, *common, "--sample_prompts", str(samples))) == 0
+    rows = [json.loads(line) for line in (sampled / "samples.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["reference"]) for r in rows] == [(1, "2"), (1, "5"), (2, "2"), (2, "5")]
+    for r in rows:
+        assert len(r["rollouts"]) == 4  # --num_generations
+        assert all(set(x["rewards"]) == {"accuracy", "length"} for x in r["rollouts"])
+        assert all(
+            x["rewards"]["accuracy"] in (0.0, 1.0) and -1 <= x["rewards"]["length"] <= 0
+            for x in r["rollouts"]
+        )
+        totals = [sum(x["rewards"].values()) for x in r["rollouts"]]
+        assert r["mean_reward"] == pytest.approx(sum(totals) / 4)
+    assert len({x["completion"] for r in rows for x in r["rollouts"]}) > 1  # sampled, not greedy
+    timeless = [
+        [{k: v for k, v in h.items() if k != "step_time"} for h in history(o)] for o in (plain, sampled)
+    ]
+    assert timeless[0] == timeless[1] and timeless[0][1]["entropy"] != timeless[0][0]["entropy"]

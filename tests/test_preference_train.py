@@ -370,3 +370,19 @@ def test_help_of_a_stage_shows_its_knobs(capsys):
     for name in ("--adapter", "--beta", "--simpo_gamma", "--cpo_alpha", "--loss_type"):
         assert f"\n  {name} " in text, name
     assert "(default: simpo)" in text and "(default: 0.0)" in text
+
+
+def test_sample_prompts_are_answered_while_preference_tuning(tiny_model, pairs_file, tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hi\nhow are you?\n")
+    out = tmp_path / "o"
+    assert run(tiny_model, pairs_file, out, "--stage", "dpo", "--max_steps", "2", "--save_steps", "1",
+               "--sample_prompts", str(prompts), "--sample_max_new_tokens", "4") == 0  # fmt: skip
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["prompt"]) for r in rows] == [
+        (1, "hi"),
+        (1, "how are you?"),
+        (2, "hi"),
+        (2, "how are you?"),
+    ]
+    assert "sample answers at step 2:" in capsys.readouterr().out

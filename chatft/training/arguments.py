@@ -97,7 +97,8 @@ class TrainArguments(Seq2SeqTrainingArguments):
         metadata={
             "help": "A few prompts (a .txt file, one per line, or a data file in any training format: each "
             "record's conversation up to its last answer) answered greedily at every evaluation and save and at "
-            "the end, printed and written to OUTPUT_DIR/samples.jsonl (and TensorBoard when it is on)."
+            "the end, printed and written to OUTPUT_DIR/samples.jsonl (and TensorBoard when it is on); in "
+            "--stage grpo, num_generations sampled rollouts each, scored by the reward functions."
         },
     )
     sample_max_new_tokens: int = field(

@@ -42,6 +42,7 @@ from chatft.training.flow import (
     train_and_save,
 )
 from chatft.training.process import start_process
+from chatft.training.samples import add_sample_answers, base_model, read_sample_prompts
 from chatft.training.step_plan import schedule_evaluation
 
 DEFAULTS = {"num_generations": 4, "max_completion_length": 128, "learning_rate": 1e-5, "logging_steps": 1}
@@ -177,5 +178,11 @@ def run_grpo(argv: list[str] | None) -> int:
         callbacks=[SaveRunArgs(run_args)],
         prompt_ids=prompt_ids,
     )
+    if training_args.sample_prompts:
+        with bad_input_stops():
+            samples = read_sample_prompts(training_args.sample_prompts, data_args.train_format)
+        attention = base_model(model).config._attn_implementation
+        add_sample_answers(trainer, samples, model_args, data_args, training_args, tokenizer, attention, log,
+                           rewards=rewards)  # fmt: skip
     train_and_save(trainer, model, training_args, run_args, resume, log)
     return 0

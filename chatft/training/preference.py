@@ -47,6 +47,7 @@ from chatft.training.preference_trainer import (
     training_columns,
 )
 from chatft.training.process import start_process
+from chatft.training.samples import add_sample_answers, base_model, read_sample_prompts
 from chatft.training.step_plan import plan_micro_batches, schedule_evaluation
 
 
@@ -147,6 +148,11 @@ def run_preference(argv: list[str], stage: str) -> int:
         continuing=bool(pref_args.adapter),
         lengths=None if stage == "kto" else lengths,
     )
+    if training_args.sample_prompts:
+        with bad_input_stops():
+            samples = read_sample_prompts(training_args.sample_prompts, data_args.train_format)
+        attention = base_model(model).config._attn_implementation
+        add_sample_answers(trainer, samples, model_args, data_args, training_args, tokenizer, attention, log)
     train_and_save(trainer, model, training_args, run_args, resume, log)
     return 0
 

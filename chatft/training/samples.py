@@ -1,7 +1,7 @@
 """Generation while training: the model switched to generating and back, and --sample_prompts (XTuner's
 evaluation_inputs): a few prompts answered greedily with the current weights at every evaluation and save and at
 the end, printed and written to samples.jsonl (and to TensorBoard when it is on), so that a user watches the
-answers change during a long run.
+answers change during a long run; in GRPO, each prompt's rollouts with their rewards (SampleRollouts).
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ class SampleAnswers(TrainerCallback):
             rows = self.generate(model)
         self.log(f"sample answers at step {state.global_step}:")
         for i, row in enumerate(rows, start=1):
-            self.log(f"  [{i}] {shorten(row['prompt'], 40)} -> {shorten(row['answer'], 100)}")
+            self.log(self.line(i, row))
         with (Path(args.output_dir) / SAMPLES_FILE).open("a", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps({"step": state.global_step, **row}, ensure_ascii=False) + "\n")
@@ -117,6 +117,9 @@ class SampleAnswers(TrainerCallback):
         if writer is not None:
             text = "\n\n".join(f"**{r['prompt']}**\n\n{r['answer']}" for r in rows)
             writer.add_text("samples", text, state.global_step)
+
+    def line(self, i: int, row: dict) -> str:
+        return f"  [{i}] {shorten(row['prompt'], 40)} -> {shorten(row['answer'], 100)}"
 
     def generate(self, model) -> list[dict]:
         stops = stop_token_ids(self.tokenizer, self.template, model.generation_config)
@@ -137,6 +140,73 @@ class SampleAnswers(TrainerCallback):
             reasoning, answer = split_reasoning(decode(session, a), is_open)
             rows.append({"prompt": p, "answer": answer, "reasoning": reasoning, "reference": ref})
         return rows
+
+
+class SampleRollouts(SampleAnswers):
+    """--stage grpo: each sample prompt's rollouts, `generations` completions sampled as training samples them
+    (its temperature and top_p), each scored by the run's reward functions with the sample's reference; the log
+    shows each prompt's mean reward and its best completion, samples.jsonl every rollout and its rewards. The
+    sampling draws from a generator of its own (seed + step): training's random state is not touched, so a run
+    with sample prompts trains as one without."""
+
+    def __init__(self, *args: Any, rewards: list[Callable], generations: int, temperature: float,
+                 top_p: float, seed: int, **kwargs: Any) -> None:  # fmt: skip
+        super().__init__(*args, **kwargs)
+        self.rewards = rewards
+        self.generations = generations
+        self.options = GenerationOptions(
+            self.options.max_new_tokens, do_sample=True, temperature=temperature, top_p=top_p
+        )
+        self.seed = seed
+        self.step = 0
+
+    def answer(self, args, state, model) -> None:
+        self.step = state.global_step
+        super().answer(args, state, model)
+
+    def generate(self, model) -> list[dict]:
+        import torch
+
+        from chatft.grpo.rewards import reward_name
+
+        stops = stop_token_ids(self.tokenizer, self.template, model.generation_config)
+        session = Session(model, self.tokenizer, self.template, False, stops, str(model.device))
+        rows = []
+        with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
+            torch.manual_seed(self.seed + self.step)
+            for k, (conv, reference) in enumerate(self.samples):
+                try:
+                    text, prompt_ids = render_prompt(session, conv)
+                except TemplateError as e:
+                    raise InferError(f"--sample_prompts: {e}") from e
+                n = self.generations
+                generated = generate(session, [prompt_ids] * n, self.options)
+                completions = [decode(session, ids) for ids in generated]
+                columns = {"reference": [reference or ""] * n, "tools": [_tools_json(conv)] * n,
+                           "completion_ids": generated, "file": ["--sample_prompts"] * n, "record": [k + 1] * n}  # fmt: skip
+                scored = {
+                    reward_name(f): f(prompts=[text] * n, completions=completions, **columns)
+                    for f in self.rewards
+                }
+                rollouts = [
+                    {"completion": c, "rewards": {name: values[i] for name, values in scored.items()}}
+                    for i, c in enumerate(completions)
+                ]
+                totals = [sum(v for v in r["rewards"].values() if v is not None) for r in rollouts]
+                best = max(range(n), key=totals.__getitem__)
+                rows.append({"prompt": conv.messages[-1].content, "reference": reference, "rollouts": rollouts,
+                             "mean_reward": sum(totals) / n, "answer": completions[best]})  # fmt: skip
+        return rows
+
+    def line(self, i: int, row: dict) -> str:
+        return (
+            f"  [{i}] {shorten(row['prompt'], 40)} -> mean reward {row['mean_reward']:.3f} over "
+            f"{len(row['rollouts'])} rollouts; best: {shorten(row['answer'], 80)}"
+        )
+
+
+def _tools_json(conv: Conversation) -> str:
+    return json.dumps(conv.tools, ensure_ascii=False) if conv.tools is not None else ""
 
 
 def template_for(
@@ -168,16 +238,23 @@ def generation_eval_for(
 
 
 def add_sample_answers(
-    trainer, samples, model_args, data_args, training_args, tokenizer, attention: str, log
+    trainer, samples, model_args, data_args, training_args, tokenizer, attention: str, log, rewards=None
 ) -> None:
-    """--sample_prompts: the SampleAnswers callback, writing to the Trainer's TensorBoard when it has one."""
+    """--sample_prompts: the SampleAnswers callback (SampleRollouts with the GRPO stage's reward functions),
+    writing to the Trainer's TensorBoard when it has one."""
     if zero3_enabled():
         log("--sample_prompts: skipped under DeepSpeed ZeRO-3 (the weights are split over the processes)")
         return
     template = template_for([conv for conv, _ in samples], model_args, data_args, tokenizer)
-    callback = SampleAnswers(
-        samples, tokenizer, template, attention, training_args.sample_max_new_tokens, log
-    )
+    common = (samples, tokenizer, template, attention)
+    if rewards is None:
+        callback = SampleAnswers(*common, training_args.sample_max_new_tokens, log)
+    else:
+        callback = SampleRollouts(
+            *common, training_args.max_completion_length, log, rewards=rewards,
+            generations=training_args.num_generations, temperature=training_args.temperature,
+            top_p=training_args.top_p, seed=training_args.seed,
+        )  # fmt: skip
 
     def tensorboard():
         found = [c for c in trainer.callback_handler.callbacks if isinstance(c, TensorBoardCallback)]
@@ -185,4 +262,5 @@ def add_sample_answers(
 
     callback.tensorboard = tensorboard
     trainer.add_callback(callback)
-    log(f"--sample_prompts: {len(samples)} prompt(s) answered at every evaluation and save and at the end")
+    what = "answered" if rewards is None else f"given {training_args.num_generations} scored rollouts each"
+    log(f"--sample_prompts: {len(samples)} prompt(s) {what} at every evaluation and save and at the end")

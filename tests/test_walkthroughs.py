@@ -162,3 +162,67 @@ def test_grpo_walkthrough_reduced(tmp_path):
     sft = [json.loads(line) for line in (work / "sft_heldout.jsonl").read_text().splitlines()]
     assert len(sft) == 4 and all(r["prediction"].startswith("Answer:") for r in sft)  # SFT taught the form
     assert "reference 'Answer: " in stdout and "done in" in stdout
+
+
+def test_reasoning_walkthrough_reduced(tmp_path):
+    # two short AdvertiseGen records as both train and dev: a few steps at a high learning rate learn them by heart,
+    # so the reasoning adapter writes its think block on the dev records within a few tokens
+    rows = [json.loads(line) for line in (SHARED / "AdvertiseGen" / "train.json").read_text().splitlines()]
+    rows = sorted(rows, key=lambda r: len(r["content"]) + len(r["summary"]))[:2]
+    data = tmp_path / "ag"
+    data.mkdir()
+    for name in ("train.json", "dev.json"):
+        (data / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    work = tmp_path / "rw"
+    stdout = sh(
+        "bash scripts/reasoning_walkthrough.sh",
+        DATA=str(data), WORK=str(work), STEPS="6", BATCH="2", LR="5e-3", N_DEV="2", MAX_NEW_TOKENS="6",
+        THINK_TOKENS="24", THINKING_OFF="0",
+    )  # fmt: skip
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(work / "model")
+    assert "<think>" in tok.chat_template and "enable_thinking" in tok.chat_template
+    reasoning = "要点：" + "、".join(dict.fromkeys(p.split("#", 1)[1] for p in rows[0]["content"].split("*")))
+
+    def trained(dump: str) -> str:
+        first = json.loads((work / dump).read_text().splitlines()[0])
+        return tok.decode(
+            [t for t, label in zip(first["input_ids"], first["labels"], strict=True) if label != -100]
+        )
+
+    # what the two runs train: the think block with the attributes, or the empty one, then the ad
+    ad = rows[0]["summary"] + "<|im_end|>"
+    assert trained("train_dump.jsonl") == f"<think>\n{reasoning}\n</think>\n\n{ad}"
+    assert trained("train_plain_dump.jsonl") == f"<think>\n\n</think>\n\n{ad}"
+    assert "train.jsonl, record 1, trained: '<think>\\n" + reasoning in stdout  # the walkthrough shows it
+    for run in ("reasoning", "plain"):
+        assert len(losses(work / run)) == 6
+    assert losses(work / "reasoning")[-1] < losses(work / "reasoning")[0]
+
+    # the reasoning adapter writes the attributes in its think block; the split keeps them out of the answer
+    predicted = [json.loads(line) for line in (work / "reasoning.jsonl").read_text().splitlines()]
+    assert len(predicted) == 2
+    for row in predicted:
+        assert row["prediction"].startswith(f"<think>\n{reasoning}\n</think>\n\n")
+        assert row["reasoning"] == row["reference_reasoning"] == reasoning
+        assert row["answer"] and "think>" not in row["answer"] and row["answer"] in row["prediction"]
+    # the saved scores are the answers', not the whole predictions'
+    references = [row["reference"] for row in predicted]
+    answers = score([row["answer"] for row in predicted], references)
+    saved = json.loads((work / "reasoning.jsonl.metrics.json").read_text())["scores"]
+    assert saved == pytest.approx(answers)
+    assert saved != pytest.approx(score([row["prediction"] for row in predicted], references))
+    plain = [json.loads(line) for line in (work / "plain.jsonl").read_text().splitlines()]
+    assert len(plain) == 2 and all(row["reasoning"] == "" and row["answer"] for row in plain)
+    # predicted with thinking off: the prompt holds the empty block that run was trained to write
+    assert all(row["prompt"].endswith("<think>\n\n</think>\n\n") for row in plain)
+
+    figures = json.loads((work / "scores.json").read_text())
+    assert list(figures) == ["base", "reasoning", "plain"]
+    assert figures["reasoning"]["with_reasoning"] == 2 and figures["reasoning"]["reasoning_attributes"] == 1.0
+    assert (
+        figures["reasoning"]["reasoning_exact"] == 1.0 and figures["reasoning"]["listed_not_in_record"] == 0.0
+    )
+    assert figures["plain"]["with_reasoning"] == 0 and figures["base"]["scores"]
+    assert "reasoning attrs" in stdout and "walkthrough took" in stdout

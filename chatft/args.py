@@ -241,3 +241,15 @@ class GRPOArguments:
             "help": "Records whose rendered prompt is longer than this many tokens are skipped and counted."
         },
     )
+    tool_module: str | None = field(
+        default=None,
+        metadata={
+            "help": "A .py file whose functions implement the tools the records declare: rollouts run the model's "
+            "tool calls and go on after their results (rendered by the template, never trained); at most "
+            "--max_tool_calling_iterations rounds a rollout (docs/grpo.md)."
+        },
+    )
+    tool_timeout: float = field(
+        default=10.0,
+        metadata={"help": "--tool_module: seconds a tool call may take; then its result is an error."},
+    )

@@ -342,3 +342,107 @@ def test_sample_prompts_show_scored_rollouts_and_leave_training_as_it_was(setup,
         [{k: v for k, v in h.items() if k != "step_time"} for h in history(o)] for o in (plain, sampled)
     ]
     assert timeless[0] == timeless[1] and timeless[0][1]["entropy"] != timeless[0][0]["entropy"]
+
+
+# ---------------------------------------------------------------------------------------------- tool-using rollouts
+
+TOOLS_MODULE = """import json, time
+def get_weather(city, days=1, unit="C"):
+    with open({calls!r}, "a") as f:
+        f.write(json.dumps({{"city": city, "days": days}}) + "\\n")
+    return {{"city": city, "sky": "sunny"}}
+def slow(**kw):
+    time.sleep(5)
+"""
+
+
+def test_tool_calls_run_and_their_results_are_never_trained(tmp_path_factory):
+    """A rollout on Qwen2.5's layout (tests/families.py): the model calls get_weather (scripted generation), the
+    --tool_module function runs with the call's arguments, the result comes back as the template renders a tool
+    turn, and the model answers after it; the completion is call + result + answer, and TRL's tool_mask (from
+    chatft's env_mask) leaves exactly the result's tokens out of the loss."""
+    from families import make_tokenizer as family_tokenizer
+    from families import save_family
+    from trl import GRPOTrainer
+
+    root = tmp_path_factory.mktemp("tools")
+    model = save_family("qwen2.5", root / "m")
+    record = {"messages": [{"role": "user", "content": "weather in Paris?"},
+                           {"role": "assistant", "content": "sunny"}], "tools": json.loads(WEATHER)}  # fmt: skip
+    (root / "d.jsonl").write_text(json.dumps(record) + "\n")
+    calls = root / "calls.jsonl"
+    (root / "tools.py").write_text(TOOLS_MODULE.format(calls=str(calls)))
+    tok = family_tokenizer("qwen2.5")
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    call = tok('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
+               add_special_tokens=False)["input_ids"] + [end]  # fmt: skip
+    answer = tok("It is sunny.", add_special_tokens=False)["input_ids"] + [end]
+    scripted, seen = [], {}
+
+    def generate(self, prompt_ids, images, fields, n):
+        scripted.append([list(p) for p in prompt_ids])
+        return [list(call if len(scripted) == 1 else answer) for _ in prompt_ids], None
+
+    original_generate, original_loss = GRPOTrainer._generate_single_turn, GRPOTrainer.compute_loss
+
+    def loss(self, model, inputs, *args, **kwargs):
+        seen.setdefault(
+            "inputs", {k: inputs[k].clone() for k in ("completion_ids", "completion_mask", "tool_mask")}
+        )
+        return original_loss(self, model, inputs, *args, **kwargs)
+
+    GRPOTrainer._generate_single_turn, GRPOTrainer.compute_loss = generate, loss
+    try:
+        assert main(["--stage", "grpo", "--model_name_or_path", str(model), "--train_file", str(root / "d.jsonl"),
+                     "--output_dir", str(root / "o"), "--report_to", "none", "--precision", "fp32",
+                     "--per_device_train_batch_size", "2", "--num_generations", "2", "--max_completion_length", "96",
+                     "--max_steps", "1", "--save_strategy", "no", "--reward_funcs", "tool_call", "length",
+                     "--tool_module", str(root / "tools.py")]) == 0  # fmt: skip
+    finally:
+        GRPOTrainer._generate_single_turn, GRPOTrainer.compute_loss = original_generate, original_loss
+    assert [json.loads(line) for line in calls.read_text().splitlines()] == [{"city": "Paris", "days": 1}] * 2
+    result = '{"city": "Paris", "sky": "sunny"}'
+    suffix_text = (
+        f"\n<|im_start|>user\n<tool_response>\n{result}\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+    )
+    suffix = tok(suffix_text, add_special_tokens=False)["input_ids"]
+    assert (
+        len(scripted) == 2 and scripted[1][0] == scripted[0][0] + call + suffix
+    )  # generation went on after it
+    inputs = seen["inputs"]
+    row = inputs["completion_ids"][0][inputs["completion_mask"][0].bool()].tolist()
+    assert row == call + suffix + answer
+    mask = inputs["tool_mask"][0][: len(row)].tolist()
+    assert mask == [1] * len(call) + [0] * len(suffix) + [1] * len(answer)
+
+
+def test_tool_calls_errors_are_shown_to_the_model_not_fatal(tmp_path):
+    from chatft.grpo.tools import load_tool_module, run_call
+
+    (tmp_path / "t.py").write_text(TOOLS_MODULE.format(calls=str(tmp_path / "c.jsonl")))
+    functions = load_tool_module(str(tmp_path / "t.py"))
+    assert sorted(functions) == ["get_weather", "slow"]
+
+    def call(name, arguments):
+        return {"function": {"name": name, "arguments": json.dumps(arguments)}}
+
+    offered = {"get_weather", "slow"}
+    assert (
+        run_call(functions, offered, call("get_weather", {"city": "Rome"}), 5)
+        == '{"city": "Rome", "sky": "sunny"}'
+    )
+    assert "is not among the tools" in run_call(functions, {"slow"}, call("get_weather", {"city": "Rome"}), 5)
+    assert "TypeError" in run_call(functions, offered, call("get_weather", {"town": "Rome"}), 5)
+    assert "TimeoutError: took longer than 0.2 s" in run_call(functions, offered, call("slow", {}), 0.2)
+
+
+def test_a_declared_tool_without_a_function_stops_the_run(setup, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    record = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}],
+              "tools": json.loads(WEATHER)}  # fmt: skip
+    data.write_text(json.dumps(record) + "\n")
+    (tmp_path / "t.py").write_text("def other(x):\n    return x\n")
+    args = argv(setup, tmp_path / "o", "--tool_module", str(tmp_path / "t.py"), "--max_steps", "1")
+    args[args.index("--train_file") + 1] = str(data)
+    assert main(args) == 2
+    assert f"error: {data}:1: tools: get_weather declared, but --tool_module" in capsys.readouterr().err

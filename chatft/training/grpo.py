@@ -27,6 +27,7 @@ from chatft.args import DataArguments, GRPOArguments, ModelArguments
 from chatft.data.templates import get_template
 from chatft.grpo.prompts import PreparedPrompts, prepare_prompts
 from chatft.grpo.rewards import RewardError, check_rewards, checked, load_reward
+from chatft.grpo.tools import check_tool_module, load_tool_module, tool_rollouts
 from chatft.inference.loading import stop_token_ids
 from chatft.methods import load_model, load_tokenizer
 from chatft.training.arguments import with_trl_config
@@ -45,9 +46,11 @@ from chatft.training.process import start_process
 from chatft.training.samples import add_sample_answers, base_model, read_sample_prompts
 from chatft.training.step_plan import schedule_evaluation
 
-DEFAULTS = {"num_generations": 4, "max_completion_length": 128, "learning_rate": 1e-5, "logging_steps": 1}
+DEFAULTS = {"num_generations": 4, "max_completion_length": 128, "learning_rate": 1e-5, "logging_steps": 1,
+            "max_tool_calling_iterations": 4}  # fmt: skip
 GRPO_HELP = ["reward_funcs", "reward_weights", "adapter", "num_generations", "max_completion_length",
-             "max_prompt_length", "temperature", "beta", "loss_type", "steps_per_generation", "use_vllm"]  # fmt: skip
+             "max_prompt_length", "temperature", "beta", "loss_type", "steps_per_generation", "use_vllm",
+             "tool_module", "tool_timeout", "max_tool_calling_iterations"]  # fmt: skip
 CHECKED_RECORDS = 4  # records each reward function is tried on before training
 
 
@@ -97,6 +100,29 @@ def chat_grpo_trainer(**kwargs: Any):
     return ChatGRPOTrainer(**kwargs)
 
 
+def tool_rollouts_for(grpo_args, rounds, train, evaluation, tokenizer, template, prompt_ids, stops, log):
+    """--tool_module: its functions, checked against the tools the prompts declare, as TRL's rollout_func."""
+    if template is None:
+        raise ValueError(
+            "--tool_module: raw (input-output) prompts have no chat template to render tool results"
+        )
+    functions = load_tool_module(grpo_args.tool_module)
+    sets = [train.dataset] + ([evaluation.dataset] if evaluation is not None else [])
+    rows = [row for dataset in sets for row in dataset.select_columns(["tools", "file", "record"])]
+    check_tool_module(functions, rows, grpo_args.tool_module)
+    prompt_tools = {
+        p: t for dataset in sets for p, t in zip(dataset["prompt"], dataset["tools"], strict=True)
+    }
+    log(
+        f"tools: {', '.join(sorted(functions))} from {grpo_args.tool_module}; a rollout runs the model's calls and "
+        f"goes on after their results (rendered by the template, not trained), {grpo_args.tool_timeout:g} s a call, "
+        f"at most {rounds} round(s) of calls a rollout"
+    )
+    return tool_rollouts(
+        functions, tokenizer, template, prompt_ids, prompt_tools, stops, grpo_args.tool_timeout
+    )
+
+
 def report(prepared: PreparedPrompts) -> list[str]:
     lines = [f"records: {prepared.records_read} read, {len(prepared.dataset)} prompts, "
              f"{len(prepared.problems)} not usable"]  # fmt: skip
@@ -113,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
 def run_grpo(argv: list[str] | None) -> int:
     # peft and TRL read is_gradient_checkpointing, deprecated in transformers 5 (-> is_activation_checkpointing)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    # --tool_module's rollouts go through TRL's rollout_func (pinned TRL; tests/test_grpo.py checks what it does)
+    warnings.filterwarnings("ignore", message=".*'rollout_func', which is an experimental feature.*")
     parser = make_parser()
     with bad_input_stops():
         model_args, data_args, grpo_args, training_args = parse_args(
@@ -168,6 +196,13 @@ def run_grpo(argv: list[str] | None) -> int:
     prompt_ids = dict(zip(train.dataset["prompt"], train.dataset["prompt_ids"], strict=True))
     if evaluation is not None:
         prompt_ids |= dict(zip(evaluation.dataset["prompt"], evaluation.dataset["prompt_ids"], strict=True))
+    rollout = None
+    if grpo_args.tool_module:
+        with bad_input_stops():
+            rounds = training_args.max_tool_calling_iterations
+            rollout = tool_rollouts_for(
+                grpo_args, rounds, train, evaluation, tokenizer, template, prompt_ids, stops, log
+            )
     trainer = chat_grpo_trainer(
         model=model,
         reward_funcs=rewards,
@@ -177,6 +212,7 @@ def run_grpo(argv: list[str] | None) -> int:
         processing_class=tokenizer,
         callbacks=[SaveRunArgs(run_args)],
         prompt_ids=prompt_ids,
+        rollout_func=rollout,
     )
     if training_args.sample_prompts:
         with bad_input_stops():

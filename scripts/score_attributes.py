@@ -27,9 +27,9 @@ import json
 import sys
 from pathlib import Path
 
-from format_advertise_gen_reasoning import PREFIX, attribute_values, reasoning
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from format_advertise_gen_reasoning import PREFIX, attribute_values, reasoning  # noqa: E402
 
 from chatft.data.files import read_records  # noqa: E402
 from chatft.metrics import METRIC_NAMES, score  # noqa: E402
@@ -162,7 +162,14 @@ def main(argv: list[str] | None = None) -> int:
         if not sep or not Path(file).is_file():
             print(f"error: --run {run!r}: expected NAME=FILE with an existing file", file=sys.stderr)
             return 2
-        results[name] = score_run(Path(file), contents, tokenizer, args.cut_tokens)
+        try:
+            results[name] = score_run(Path(file), contents, tokenizer, args.cut_tokens)
+        except FileNotFoundError as e:  # a row's "file" is relative to where inference.py ran
+            print(
+                f"error: {file}: its records' file {e.filename} not found (run from where inference.py ran)",
+                file=sys.stderr,
+            )
+            return 2
     print(table(results, args.cut_tokens))
     if args.output:
         Path(args.output).write_text(

@@ -66,12 +66,14 @@ def multi_turn(records: list[dict], n: int, out: Path) -> Path:
 
 def child_chatft(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(ROOT))
-    from transformers import AutoTokenizer
-
+    from chatft.args import ModelArguments
     from chatft.data.dataset import prepare_data
+    from chatft.methods import load_tokenizer
     from chatft.packing import PackedDataset
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer = load_tokenizer(
+        ModelArguments(model_name_or_path=args.model)
+    )  # as finetune.py: the same cache key
     prepared = prepare_data(
         [args.data], "auto", tokenizer, None, args.max_len, num_proc=args.workers,
         log=lambda _line: None, cache_dir=args.cache,
@@ -131,6 +133,20 @@ def child_peer(args: argparse.Namespace) -> None:
     )  # fmt: skip
 
 
+def train_start(data: Path, cache: Path, args: argparse.Namespace) -> dict:
+    """finetune.py on the cached data: one LoRA step of one row, nothing saved but the adapter."""
+    out = Path(tempfile.mkdtemp(prefix="chatft-scale-run-"))
+    cmd = [sys.executable, str(ROOT / "finetune.py"), "--model_name_or_path", args.model, "--train_file", str(data),
+           "--output_dir", str(out), "--max_seq_length", str(args.max_len), "--preprocessing_cache_dir", str(cache),
+           "--max_steps", "1", "--per_device_train_batch_size", "1", "--save_strategy", "no", "--report_to", "none"]  # fmt: skip
+    r = measure_cmd(cmd)
+    runtime = json.loads((out / "trainer_state.json").read_text())["log_history"][-1]["train_runtime"]
+    cached = "loaded from the cache" in r.pop("output")
+    shutil.rmtree(out, ignore_errors=True)
+    return r | {"ready_s": r["wall_s"] - runtime, "prepare_s": 0.0, "stages": {}, "cached": cached,
+                "examples": None, "tokens": None}  # fmt: skip
+
+
 def _process_start() -> float:
     import psutil
 
@@ -142,10 +158,18 @@ def _process_start() -> float:
 
 def measure(cmd: list[str]) -> dict:
     """Run cmd; its JSON result line plus wall time and the peak sum of RSS / PSS over its process tree."""
+    r = measure_cmd(cmd)
+    return json.loads(r.pop("output").strip().splitlines()[-1]) | r
+
+
+def measure_cmd(cmd: list[str]) -> dict:
+    """Run cmd: its stdout (output), wall time and the peak sum of RSS / PSS over its process tree."""
     import psutil
 
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    # files, not pipes: progress bars and logs would fill a pipe that is read only at the end, and block the child
+    output, errors = tempfile.TemporaryFile(mode="w+"), tempfile.TemporaryFile(mode="w+")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, stdout=output, stderr=errors, text=True, cwd=ROOT)
     parent = psutil.Process(proc.pid)
     peak_rss = peak_pss = 0
     while proc.poll() is None:
@@ -158,14 +182,13 @@ def measure(cmd: list[str]) -> dict:
             pass
         peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
         time.sleep(0.2)
-    out, err = proc.communicate()
+    output.seek(0)
+    errors.seek(0)
+    out, err = output.read(), errors.read()
     if proc.returncode != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{err[-3000:]}")
-    result = json.loads(out.strip().splitlines()[-1])
-    result.update(
-        wall_s=time.perf_counter() - started, peak_rss_mb=peak_rss / 2**20, peak_pss_mb=peak_pss / 2**20
-    )
-    return result
+    return {"output": out, "wall_s": time.perf_counter() - started, "peak_rss_mb": peak_rss / 2**20,
+            "peak_pss_mb": peak_pss / 2**20}  # fmt: skip
 
 
 def main() -> int:
@@ -179,6 +202,9 @@ def main() -> int:
         "--peer", default="/tmp/lf/bin/python", help="LLaMA-Factory's python ('' to skip the peer)"
     )
     p.add_argument("--work", default=None, help="folder for the data and caches (default: a temporary one)")
+    p.add_argument("--train-start", action="store_true",
+                   help="on the largest single-turn set: finetune.py (LoRA, 1 step) from the cache, its time before "
+                   "the first step (the run's wall time less its train_runtime)")  # fmt: skip
     p.add_argument("--child", choices=["chatft", "peer"], help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--cache", help=argparse.SUPPRESS)
@@ -203,6 +229,8 @@ def main() -> int:
         flush=True,
     )
     rows = []
+    max_workers = max(int(w) for w in args.workers.split(","))
+    largest = sets[len(args.sizes.split(",")) - 1][1]
     me = [sys.executable, str(Path(__file__).resolve())]
     common = ["--max-len", str(args.max_len), "--model", args.model]
     for label, data in sets:
@@ -215,6 +243,10 @@ def main() -> int:
                              "--workers", str(workers), *common])  # fmt: skip
                 rows.append((label, "chatft", workers, run, r))
                 _print(label, mb, "chatft", workers, run, r)
+            if args.train_start and data == largest and workers == max_workers:
+                r = train_start(data, cache, args)
+                rows.append((label, "chatft finetune.py", workers, "cached", r))
+                _print(label, mb, "chatft finetune.py", workers, "cached", r)
             shutil.rmtree(cache, ignore_errors=True)
         if args.peer and "multi-turn" not in label:
             for workers in (int(w) for w in args.workers.split(",")):
@@ -250,7 +282,7 @@ def main() -> int:
 
 def _print(label: str, mb: float, tool: str, workers: int, run: str, r: dict) -> None:
     print(f"{label} ({mb:.0f} MB) {tool:13} workers {workers} {run:6}: ready {r['ready_s']:7.1f} s (preprocessing "
-          f"{r['prepare_s']:.1f} s), {r['examples']} examples, peak RSS {r['peak_rss_mb']:,.0f} MB, PSS "
+          f"{r['prepare_s']:.1f} s), {r['examples']} examples, cache hit {r['cached']}, peak RSS {r['peak_rss_mb']:,.0f} MB, PSS "
           f"{r['peak_pss_mb']:,.0f} MB {r['stages']}", flush=True)  # fmt: skip
 
 

@@ -133,8 +133,8 @@ class DataArguments:
     preprocessing_num_workers: int | None = field(
         default=None,
         metadata={
-            "help": "Processes that validate and tokenize the records (datasets.map num_proc). Default: the cores "
-            "this process may use (affinity, CPU quota), one per 5,000 records at most."
+            "help": "Processes that validate and tokenize (datasets.map num_proc). Default: the usable cores, one "
+            "per 5,000 records at most."
         },
     )
     skip_invalid_records: bool = field(
@@ -176,17 +176,15 @@ class DataArguments:
     streaming: bool = field(
         default=False,
         metadata={
-            "help": "Read, validate, tokenize and pack the training data as training goes (Hugging Face datasets' "
-            "IterableDataset over local files or fsspec URLs), for data larger than the preprocessing cache should "
-            "hold: no epoch count (give --max_steps), no global length grouping; resumes exactly. docs/training.md."
+            "help": "Tokenize and pack the data as training goes (files or fsspec URLs); needs --max_steps."
         },
     )
     buffer_size: int = field(default=16384, metadata={"help": "--streaming: records in the shuffle buffer."})
     data_shared_file_system: bool = field(
         default=False,
         metadata={
-            "help": "Several nodes share the preprocessing cache's file system: the first process of all prepares "
-            "the data and every other reads its cache. Default: the first process of each node prepares it."
+            "help": "The nodes share the cache's file system: one process of all prepares the data (default: one "
+            "per node)."
         },
     )
 

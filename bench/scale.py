@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -214,6 +213,8 @@ def main() -> int:
         (child_chatft if args.child == "chatft" else child_peer)(args)
         return 0
 
+    from contention import cpu_name  # bench/ is this script's folder, on sys.path
+
     work = Path(args.work or tempfile.mkdtemp(prefix="chatft-scale-"))
     work.mkdir(parents=True, exist_ok=True)
     records = json.loads(RUOZHIBA.read_text(encoding="utf-8"))
@@ -225,7 +226,7 @@ def main() -> int:
         n = args.multi_turn
         sets.append((f"{n:,} multi-turn", multi_turn(records, n, work / f"multi_{n}.jsonl")))
     print(
-        f"machine: {_cpu()}, {os.cpu_count()} cores; max_seq_length {args.max_len}; data in {work}",
+        f"machine: {cpu_name()}, {os.cpu_count()} cores; max_seq_length {args.max_len}; data in {work}",
         flush=True,
     )
     rows = []
@@ -284,16 +285,6 @@ def _print(label: str, mb: float, tool: str, workers: int, run: str, r: dict) ->
     print(f"{label} ({mb:.0f} MB) {tool:13} workers {workers} {run:6}: ready {r['ready_s']:7.1f} s (preprocessing "
           f"{r['prepare_s']:.1f} s), {r['examples']} examples, cache hit {r['cached']}, peak RSS {r['peak_rss_mb']:,.0f} MB, PSS "
           f"{r['peak_pss_mb']:,.0f} MB {r['stages']}", flush=True)  # fmt: skip
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

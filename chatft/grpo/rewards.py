@@ -199,6 +199,15 @@ def length_reward(max_completion_length: int) -> Callable[..., list[float]]:
 BUILT_IN = {"accuracy": accuracy, "format": format, "tool_call": tool_call}
 
 
+def import_file(file: Path, prefix: str) -> Any:
+    """The module a user's .py file defines (--reward_funcs, --tool_module), imported under prefix_stem; whatever
+    its code raises is raised."""
+    spec = importlib.util.spec_from_file_location(f"{prefix}_{file.stem}", file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def load_reward(spec: str, max_completion_length: int) -> Callable[..., list]:
     """A built-in by name, or path/to/file.py:function."""
     if spec == "length":
@@ -213,10 +222,8 @@ def load_reward(spec: str, max_completion_length: int) -> Callable[..., list]:
     file = Path(path)
     if not file.is_file():
         raise RewardError(f"--reward_funcs {spec}: no such file {path}")
-    module_spec = importlib.util.spec_from_file_location(f"chatft_reward_{file.stem}", file)
-    module = importlib.util.module_from_spec(module_spec)
     try:
-        module_spec.loader.exec_module(module)
+        module = import_file(file, "chatft_reward")
     except Exception as e:  # the user's file: whatever it raises, it is their file's problem, said as such
         raise RewardError(f"--reward_funcs {spec}: {path} did not load: {type(e).__name__}: {e}") from e
     function = getattr(module, name, None)

@@ -17,7 +17,6 @@ completion lengths it logs.
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import json
 import signal
@@ -29,6 +28,7 @@ from typing import Any
 
 from chatft.data.rendering import Template, render_conversation, render_generation_prompt
 from chatft.data.schema import Conversation, Message, ToolCall
+from chatft.grpo.rewards import import_file
 from chatft.inference.toolcalls import parse_tool_calls
 
 
@@ -41,10 +41,8 @@ def load_tool_module(path: str) -> dict[str, Callable]:
     file = Path(path)
     if not file.is_file():
         raise ToolModuleError(f"--tool_module {path}: no such file")
-    spec = importlib.util.spec_from_file_location(f"chatft_tools_{file.stem}", file)
-    module = importlib.util.module_from_spec(spec)
     try:
-        spec.loader.exec_module(module)
+        module = import_file(file, "chatft_tools")
     except Exception as e:  # the user's module: whatever it raises is reported, located
         raise ToolModuleError(f"--tool_module {path}: importing it raised {type(e).__name__}: {e}") from e
     functions = {

@@ -64,6 +64,22 @@ def test_second_call_hits_the_cache(data, tmp_path, monkeypatch):
         assert getattr(warm.stats, name) == getattr(cold.stats, name)
 
 
+def test_how_the_tokenizer_was_loaded_does_not_miss(data, tmp_path, monkeypatch):
+    """save_pretrained records local_files_only, which follows HF_HUB_OFFLINE as transformers read it at its own
+    import: the same tokenizer, loaded by a script that imported transformers before chatft, hit no cache."""
+    cache = tmp_path / "cache"
+    prepare(data, cache, make_tokenizer())
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("tokenized again")
+
+    monkeypatch.setattr(dataset_module, "tokenize_records", no_tokenizing)
+    tokenizer = make_tokenizer()
+    tokenizer.init_kwargs |= {"local_files_only": True, "cache_dir": "/elsewhere"}
+    warm, _ = prepare(data, cache, tokenizer)
+    assert warm.stats.cache.startswith(str(cache))
+
+
 @pytest.mark.parametrize(
     "change",
     ["max_seq_length", "max_target_length", "template", "format", "tokenizer", "content", "overwrite",

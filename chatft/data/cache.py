@@ -30,11 +30,25 @@ from chatft.data.stats import DataStats, PreparedData
 CACHE_FORMAT = 4  # bump when what is stored changes shape
 
 
+# how the tokenizer was loaded, which save_pretrained records but which does not change a token: local_files_only
+# follows HF_HUB_OFFLINE as transformers read it at its import, so the same tokenizer differed there
+LOAD_OPTIONS = ("local_files_only", "cache_dir", "token", "use_auth_token", "_commit_hash")
+
+
 def tokenizer_files(tokenizer: PreTrainedTokenizerBase) -> list[tuple[str, bytes]]:
-    """The tokenizer as save_pretrained writes it (what it is now, including a pad token set in memory)."""
+    """The tokenizer as save_pretrained writes it (what it is now, including a pad token set in memory), less the
+    options it was loaded with (LOAD_OPTIONS)."""
     with tempfile.TemporaryDirectory(prefix="chatft-tok-") as tmp:
         tokenizer.save_pretrained(tmp)
-        return [(p.name, p.read_bytes()) for p in sorted(Path(tmp).iterdir()) if p.is_file()]
+        files = [(p.name, p.read_bytes()) for p in sorted(Path(tmp).iterdir()) if p.is_file()]
+    return [(name, _without_load_options(data) if name == "tokenizer_config.json" else data) for name, data in files]
+
+
+def _without_load_options(config: bytes) -> bytes:
+    settings = json.loads(config)
+    for key in LOAD_OPTIONS:
+        settings.pop(key, None)
+    return json.dumps(settings, sort_keys=True).encode()
 
 
 def file_digest(path: Path) -> str:

@@ -78,7 +78,7 @@ def child_chatft(args: argparse.Namespace) -> None:
         log=lambda _line: None, cache_dir=args.cache,
     )  # fmt: skip
     started = time.perf_counter()
-    packed = PackedDataset(prepared.dataset, args.max_len, prepared.stats.lengths)
+    packed = PackedDataset(prepared.dataset, args.max_len, prepared.stats.lengths, prepared.folder)
     packing = time.perf_counter() - started
     print(
         json.dumps(

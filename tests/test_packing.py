@@ -9,6 +9,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from toy import CHATS as TOY_CHATS
@@ -118,6 +119,45 @@ def test_best_fit_decreasing_keeps_every_example_whole():
     assert best_fit_decreasing([512, 512], 512) == [[0], [1]]
     with pytest.raises(ValueError, match="longer than the row length 8"):
         best_fit_decreasing([3, 9], 8)
+
+
+def test_a_plan_kept_in_the_cache_entry_is_read_back_not_packed_again(tmp_path, monkeypatch):
+    import chatft.packing as packing
+
+    lengths = torch.randint(1, 300, (500,), generator=torch.Generator().manual_seed(1)).tolist()
+    fresh = best_fit_decreasing(lengths, 512)
+    assert packing.packing_plan(lengths, 512, tmp_path) == fresh  # made and kept
+    (plan,) = tmp_path.glob("rows_512_*.npy")
+
+    def no_packing(*args):
+        raise AssertionError("packed again")
+
+    monkeypatch.setattr(packing, "best_fit_decreasing", no_packing)
+    assert packing.packing_plan(lengths, 512, tmp_path) == fresh
+    assert PackedDataset([{}] * len(lengths), 512, lengths, tmp_path).rows == fresh
+    # other lengths or another capacity: a plan of their own
+    monkeypatch.undo()
+    other = lengths[::-1]
+    assert packing.packing_plan(other, 512, tmp_path) == best_fit_decreasing(other, 512)
+    assert packing.packing_plan(lengths, 300, tmp_path) == best_fit_decreasing(lengths, 300)
+    assert len(list(tmp_path.glob("rows_*.npy"))) == 3
+    # a damaged plan (an example twice, one lost) is made again
+    damaged = np.load(plan)
+    damaged[-1] = damaged[-2]
+    np.save(plan, damaged)
+    assert packing.packing_plan(lengths, 512, tmp_path) == fresh
+    plan.write_bytes(b"not numpy")
+    assert packing.packing_plan(lengths, 512, tmp_path) == fresh
+    assert packing.packing_plan([], 512, tmp_path) == []
+
+
+def test_longest_row_counts_the_tokens_of_the_fullest_row():
+    rows = PackedDataset([{}] * 7, 10, [5, 7, 3, 6, 4, 2, 1])  # [[1, 2], [3, 4], [0, 5, 6]]: 10, 10, 8
+    assert rows.longest_row == 10
+    rows.rows = [[], [0], [6], []]
+    assert rows.longest_row == 5
+    rows.rows = [[], []]
+    assert rows.longest_row == 1
 
 
 def test_packed_rows_restart_positions_and_never_train_the_first_token():

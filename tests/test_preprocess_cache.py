@@ -64,6 +64,23 @@ def test_second_call_hits_the_cache(data, tmp_path, monkeypatch):
         assert getattr(warm.stats, name) == getattr(cold.stats, name)
 
 
+def test_a_data_files_digest_is_kept_until_the_file_changes(tmp_path):
+    from chatft.data.cache import DIGESTS_FILE, file_digest
+
+    data, cache = tmp_path / "d.jsonl", tmp_path / "cache"
+    data.write_text('{"a": 1}\n')
+    real = file_digest(data)
+    assert file_digest(data, cache) == real
+    known = json.loads((cache / DIGESTS_FILE).read_text())
+    known[str(data)][1] = "remembered"
+    (cache / DIGESTS_FILE).write_text(json.dumps(known))
+    assert file_digest(data, cache) == "remembered"  # read back, not hashed
+    data.write_text('{"a": 2}\n')  # the same size: its change time tells
+    assert file_digest(data, cache) == file_digest(data) != real
+    (cache / DIGESTS_FILE).write_text("{damaged")
+    assert file_digest(data, cache) == file_digest(data)
+
+
 def test_how_the_tokenizer_was_loaded_does_not_miss(data, tmp_path, monkeypatch):
     """save_pretrained records local_files_only, which follows HF_HUB_OFFLINE as transformers read it at its own
     import: the same tokenizer, loaded by a script that imported transformers before chatft, hit no cache."""

@@ -8,6 +8,7 @@ ingredients a data file and a tokenizer give.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -41,7 +42,10 @@ def tokenizer_files(tokenizer: PreTrainedTokenizerBase) -> list[tuple[str, bytes
     with tempfile.TemporaryDirectory(prefix="chatft-tok-") as tmp:
         tokenizer.save_pretrained(tmp)
         files = [(p.name, p.read_bytes()) for p in sorted(Path(tmp).iterdir()) if p.is_file()]
-    return [(name, _without_load_options(data) if name == "tokenizer_config.json" else data) for name, data in files]
+    return [
+        (name, _without_load_options(data) if name == "tokenizer_config.json" else data)
+        for name, data in files
+    ]
 
 
 def _without_load_options(config: bytes) -> bytes:
@@ -51,12 +55,36 @@ def _without_load_options(config: bytes) -> bytes:
     return json.dumps(settings, sort_keys=True).encode()
 
 
-def file_digest(path: Path) -> str:
+DIGESTS_FILE = "digests.json"  # in the cache folder: {path: [stamp, sha256]}
+
+
+def file_digest(path: Path, cache_dir: Path | None = None) -> str:
+    """sha256 of the file's bytes. With cache_dir, the digest of a file whose stamp (size, inode, modification
+    and change times: any write changes the change time) is unchanged is read from its digests.json instead of
+    hashed again (half a second for a million records)."""
+    st = path.stat()
+    stamp = [st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns]
+    known_file = cache_dir / DIGESTS_FILE if cache_dir is not None else None
+    known: dict = {}
+    if known_file is not None:
+        with contextlib.suppress(OSError, ValueError):
+            known = json.loads(known_file.read_text(encoding="utf-8"))
+        seen = known.get(str(path))
+        if isinstance(seen, list) and seen[0] == stamp:
+            return seen[1]
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    return h.hexdigest()
+    digest = h.hexdigest()
+    if known_file is not None:
+        known[str(path)] = [stamp, digest]
+        with contextlib.suppress(OSError):  # a folder this process may not write: hashed each run
+            known_file.parent.mkdir(parents=True, exist_ok=True)
+            temporary = known_file.with_name(f".{DIGESTS_FILE}.{os.getpid()}")
+            temporary.write_text(json.dumps(known), encoding="utf-8")
+            os.replace(temporary, known_file)
+    return digest
 
 
 def new_entry(folder: Path) -> Path:
@@ -118,7 +146,7 @@ def load_cached(folder: Path, log: Callable[[str], None]) -> PreparedData | None
         log(line)
     stats = DataStats(**meta["stats"], lengths=list(lengths), cache=str(folder))
     problems = [Problem(**p) for p in meta["problems"]]
-    return PreparedData(dataset, stats, problems, meta["formats"])
+    return PreparedData(dataset, stats, problems, meta["formats"], folder)
 
 
 KEPT_COLUMNS = ("file", "record", "input_ids", "labels", "length")

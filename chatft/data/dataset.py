@@ -360,6 +360,7 @@ def prepare_data(
         max_source_length,
         max_target_length,
         chat_template_kwargs=template_kwargs,
+        digests_in=Path(cache_dir).expanduser(),
     )
     folder = Path(cache_dir).expanduser() / key
     with entry_lock(folder, log) as waited:
@@ -455,8 +456,10 @@ def cache_key(
     max_target_length: int | None,
     *,
     chat_template_kwargs: dict | None = None,
+    digests_in: Path | None = None,
 ) -> str:
-    """Hex digest of everything the prepared data depends on (DataFileError for a missing path)."""
+    """Hex digest of everything the prepared data depends on (DataFileError for a missing path). digests_in: the
+    cache folder, where the data files' digests are kept (file_digest)."""
     h = hashlib.sha256()
 
     def add(label: str, data: bytes) -> None:
@@ -480,7 +483,7 @@ def cache_key(
         add(f"code/{name}", (here / name).read_bytes())
     for path in expand_paths(paths):
         add("file", str(path).encode())  # the name is recorded in the dataset and in every problem
-        add("content", file_digest(path).encode())
+        add("content", file_digest(path, digests_in).encode())
     for name, data in tokenizer_files(tokenizer):
         add(f"tokenizer/{name}", data)
     return h.hexdigest()[:32]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import datasets
 from transformers import PreTrainedTokenizerBase
@@ -84,6 +85,7 @@ class PreparedData:
     stats: DataStats
     problems: list[Problem]
     formats: dict[str, str]
+    folder: Path | None = None  # the cache entry the dataset is read from (None: not cached)
 
 
 def sanity_check_lines(

@@ -82,7 +82,9 @@ def training_datasets(
         packed_train.fill_steps(per_step)
         log(packed_train.summary())
         packed_eval = (
-            PackedDataset(evaluation.dataset, data_args.max_seq_length, evaluation.stats.lengths)
+            PackedDataset(
+                evaluation.dataset, data_args.max_seq_length, evaluation.stats.lengths, evaluation.folder
+            )
             if evaluation
             else None
         )

@@ -66,7 +66,9 @@ def run_sft(argv: list[str] | None) -> int:
         formats, closing_tokens, lengths = train.formats, train.stats.closing_tokens, train.stats.lengths
         packing = resolve_packing(model_args, data_args, log)
         packed_train = (
-            PackedDataset(train.dataset, data_args.max_seq_length, train.stats.lengths) if packing else None
+            PackedDataset(train.dataset, data_args.max_seq_length, train.stats.lengths, train.folder)
+            if packing
+            else None
         )
         if packed_train is not None:
             packed_step(packed_train, data_args, training_args, log)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -139,11 +140,13 @@ def train_start(data: Path, cache: Path, args: argparse.Namespace) -> dict:
            "--output_dir", str(out), "--max_seq_length", str(args.max_len), "--preprocessing_cache_dir", str(cache),
            "--max_steps", "1", "--per_device_train_batch_size", "1", "--save_strategy", "no", "--report_to", "none"]  # fmt: skip
     r = measure_cmd(cmd)
-    runtime = json.loads((out / "trainer_state.json").read_text())["log_history"][-1]["train_runtime"]
-    cached = "loaded from the cache" in r.pop("output")
+    output = r.pop("output")
+    started = re.search(r"training starts ([0-9.]+) s after the process started", output)
     shutil.rmtree(out, ignore_errors=True)
-    return r | {"ready_s": r["wall_s"] - runtime, "prepare_s": 0.0, "stages": {}, "cached": cached,
-                "examples": None, "tokens": None}  # fmt: skip
+    if started is None:
+        raise SystemExit(f"finetune.py did not say when training started:\n{output[-3000:]}")
+    return r | {"ready_s": float(started.group(1)), "prepare_s": 0.0, "stages": {},
+                "cached": "loaded from the cache" in output, "examples": None, "tokens": None}  # fmt: skip
 
 
 def _process_start() -> float:
@@ -202,8 +205,8 @@ def main() -> int:
     )
     p.add_argument("--work", default=None, help="folder for the data and caches (default: a temporary one)")
     p.add_argument("--train-start", action="store_true",
-                   help="on the largest single-turn set: finetune.py (LoRA, 1 step) from the cache, its time before "
-                   "the first step (the run's wall time less its train_runtime)")  # fmt: skip
+                   help="on the largest single-turn set: finetune.py (LoRA, 1 step) from the cache, the seconds from "
+                   "its start to its training (its log's 'training starts N s after the process started')")  # fmt: skip
     p.add_argument("--child", choices=["chatft", "peer"], help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--cache", help=argparse.SUPPRESS)

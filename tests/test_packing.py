@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -418,14 +419,18 @@ def test_on_the_cpu_rows_get_one_shape_and_freed_memory_goes_back_after_every_mi
 ):
     import chatft.training.process
 
-    trims = []
+    trims, releases = [], []
     monkeypatch.setattr(chatft.training.process, "glibc_malloc_trim", lambda: lambda: trims.append(1))
+    monkeypatch.setattr(chatft.training.process, "release_mapped_pages", lambda: releases.append(1))
+    monkeypatch.setattr(chatft.training.process.ReleaseDataPages, "every", 0.0)
     two_rows = ["--micro_batch_size", "1", "--packed_batch_unit", "rows"]
     history = toy_run(tmp_path / "a", "--method", "lora", "--max_steps", "2", *two_rows)
     out = capsys.readouterr().out
     assert "rows padded to" in out and "freed memory goes back to the system" in out
+    assert re.search(r"training starts [0-9.]+ s after the process started", out)
     assert len([e for e in history if "loss" in e]) == 2
     assert len(trims) == 2 * 2  # two steps of two micro-batches each
+    assert len(releases) == 2  # the data's mapped pages: after each step, at most every `every` seconds
     trims.clear()
     toy_run(tmp_path / "b", "--method", "lora", "--max_steps", "2", "--malloc_trim", "False")
     assert not trims and "freed memory goes back" not in capsys.readouterr().out

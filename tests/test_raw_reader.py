@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import datasets
 import pytest
 
 from chatft.data import raw
@@ -68,3 +69,36 @@ def test_streamed_reading_finds_what_whole_reading_finds(tmp_path, monkeypatch, 
     if name.endswith(".jsonl") or name == "bom_lines.json":  # the JSON of a line is parsed by the worker
         whole = [("unparsed", x.line) if isinstance(x, Problem) and x.field == "(json)" else x for x in whole]
     assert streamed == whole
+
+
+def _resident_kb(path: Path) -> int:
+    """This process's resident kB of its mappings of the file at path (/proc/self/smaps)."""
+    total, inside = 0, False
+    target = str(path.resolve())
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and len(head) >= 5 and ":" not in head[0]:
+            inside = len(head) >= 6 and head[5] == target
+        elif inside and line.startswith("Rss:"):
+            total += int(head[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="Linux: /proc/self/smaps")
+def test_released_pages_leave_the_rss_and_the_data_reads_the_same(tmp_path):
+    """The raw table's pages read by the tokenizing map count in RSS while mapped: released, they leave it, and
+    the memory-mapped table still reads the same (the pages fault back in from the page cache)."""
+    texts = [f"{i:06d} " + "x" * 4000 for i in range(2000)]  # ~8 MB
+    path = tmp_path / "raw.arrow"
+    with datasets.arrow_writer.ArrowWriter(path=str(path)) as writer:
+        writer.write_batch({"text": texts})
+        writer.finalize()
+    table = datasets.Dataset.from_file(str(path))
+    assert table["text"][:] == texts
+    assert _resident_kb(path) > 4000
+    assert raw.release_mapped_pages(path) >= 1
+    assert _resident_kb(path) < 200
+    assert table["text"][:] == texts  # read again: the same
+    assert _resident_kb(path) > 4000
+    assert raw.release_mapped_pages() >= 1  # every *.arrow file
+    assert _resident_kb(path) < 200

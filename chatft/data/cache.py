@@ -25,6 +25,7 @@ import datasets
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
+from chatft.data.raw import release_dataset_pages
 from chatft.data.schema import Problem
 from chatft.data.stats import DataStats, PreparedData
 
@@ -142,6 +143,7 @@ def load_cached(folder: Path, log: Callable[[str], None]) -> PreparedData | None
         lengths = dataset["length"][:] if len(dataset) else []
     except (OSError, ValueError, KeyError):  # a damaged entry is a miss; it is rewritten
         return None
+    release_dataset_pages(dataset)  # the pages of the length column, read once
     for line in meta["log"]:
         log(line)
     stats = DataStats(**meta["stats"], lengths=list(lengths), cache=str(folder))

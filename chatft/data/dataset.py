@@ -52,7 +52,7 @@ from chatft.data.cache import (
     tokenizer_files,
 )
 from chatft.data.files import _json_message, expand_paths
-from chatft.data.raw import RawData, read_raw
+from chatft.data.raw import RawData, read_raw, release_dataset_pages, release_mapped_pages
 from chatft.data.readers import parse_record
 from chatft.data.schema import Conversation, Problem, RecordError
 from chatft.data.stats import NOTES_SHOWN, DataStats, PreparedData, sanity_check_lines
@@ -181,6 +181,27 @@ _EMPTY = {  # a row's columns when not given
 }
 
 
+def _encode_raw_batch(
+    batch: dict[str, list],
+    tokenizer: PreTrainedTokenizerBase,
+    settings: EncodeSettings,
+    parse_as: dict[str, str],
+    raw_file: str,
+) -> dict:
+    """_encode_batch on a batch of the memory-mapped raw table, whose pages read so far are released from this
+    process's resident memory at most once a second (raw.release_mapped_pages): its RSS does not grow with the
+    data."""
+    global _released_at
+    out = _encode_batch(batch, tokenizer, settings, parse_as)
+    if time.monotonic() - _released_at >= 1.0:
+        release_mapped_pages(raw_file)
+        _released_at = time.monotonic()
+    return out
+
+
+_released_at = 0.0  # when this process last released the raw table's pages
+
+
 def _note(enc: Encoded, kept: Encoded, cut: bool, settings: EncodeSettings) -> str:
     """Why an example is skipped (no trained token) or what truncation did to it; "" when it is whole."""
     if not any(label != IGNORE_INDEX for label in enc.labels):
@@ -266,11 +287,16 @@ def tokenize_records(
     workers = max(1, min(workers, len(raw.dataset) // 2 or 1))
     say(f"tokenizing {len(raw.dataset)} records with {workers} process(es)")
     encoded = raw.dataset.map(  # more rows than records where a conversation is split
-        _encode_batch,
+        _encode_raw_batch,
         batched=True,
         batch_size=500,
         writer_batch_size=500,
-        fn_kwargs={"tokenizer": tokenizer, "settings": settings, "parse_as": raw.parse_as},
+        fn_kwargs={
+            "tokenizer": tokenizer,
+            "settings": settings,
+            "parse_as": raw.parse_as,
+            "raw_file": raw.dataset.cache_files[0]["filename"],
+        },  # fmt: skip
         num_proc=workers if workers > 1 else None,
         remove_columns=raw.dataset.column_names,
         features=ENCODED_FEATURES,
@@ -313,6 +339,7 @@ def tokenize_records(
         log(TOOLS_FALLBACK_NOTE)
     if not pc.all(keep).as_py():
         np.save(folder / "keep.npy", np.flatnonzero(keep.to_numpy(zero_copy_only=False)))
+    release_dataset_pages(encoded)  # the pages the statistics read
     now = time.perf_counter()
     stats.stages = {"tokenizing": tokenized - start, "statistics": now - tokenized}
     return encoded_dataset(folder), stats, problems

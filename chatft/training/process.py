@@ -1,15 +1,17 @@
 """What every training process sets up: glibc's memory behaviour (the mmap threshold; freed memory handed back
-after every micro-batch), torch's threads fitted to the machine's load (chatft.threads), no pinned memory on the
+after every micro-batch), the memory-mapped data's pages released as training reads on, torch's threads fitted to the machine's load (chatft.threads), no pinned memory on the
 CPU, and the log (the main process prints, the others not)."""
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 from collections.abc import Callable
 
 from transformers import Trainer, TrainerCallback
 
+from chatft.data.raw import release_mapped_pages
 from chatft.threads import ThreadGovernor, this_process_budget
 
 
@@ -95,6 +97,22 @@ class FollowMachineLoad(TrainerCallback):
         self.governor.stop()
 
 
+class ReleaseDataPages(TrainerCallback):
+    """At a step's end, at most every `every` seconds, the pages of the memory-mapped Arrow data read so far leave this
+    process's resident memory (chatft.data.raw.release_mapped_pages): an epoch over a million examples does not
+    grow the RSS by the data's size. The pages stay in the page cache."""
+
+    every = 30.0
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if time.monotonic() - self.last >= self.every:
+            release_mapped_pages()
+            self.last = time.monotonic()
+
+
 def follow_machine_load(trainer: Trainer, training_args, log: Callable[[str], None]) -> None:
     """On the CPU, the thread count chatft.threads chooses (--threads fixes it)."""
     if training_args.device.type == "cpu":
@@ -102,7 +120,33 @@ def follow_machine_load(trainer: Trainer, training_args, log: Callable[[str], No
         trainer.add_callback(FollowMachineLoad(governor))
 
 
+def process_age() -> float | None:
+    """Seconds since this process started (its imports included), from the kernel's record of its start; None
+    where psutil cannot tell."""
+    try:
+        import psutil
+
+        return max(0.0, time.time() - psutil.Process().create_time())
+    except Exception:  # noqa: BLE001 - a platform without it: nothing to report
+        return None
+
+
+class ReportStartup(TrainerCallback):
+    """One line when training begins: how long the process took to get there (imports, data, model, Trainer)."""
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        self.log = log
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        age = process_age()
+        if age is not None:
+            self.log(f"training starts {age:.1f} s after the process started")
+
+
 def add_process_callbacks(trainer: Trainer, training_args, log: Callable[[str], None]) -> None:
-    """What runs between micro-batches for the machine's sake: memory handed back, threads fitted to the load."""
+    """What runs between micro-batches for the machine's sake: memory handed back (freed memory, the data's
+    mapped pages), threads fitted to the load; and a line saying when training began."""
     release_memory(trainer, training_args, log)
+    trainer.add_callback(ReleaseDataPages())
     follow_machine_load(trainer, training_args, log)
+    trainer.add_callback(ReportStartup(log))

@@ -4,7 +4,11 @@ preference stage (dpo, orpo, simpo, kto). See --help and docs/training.md."""
 
 import sys
 
-from chatft.training.stages import main
+from chatft.lean_imports import leave_out_bitsandbytes
+
+leave_out_bitsandbytes(sys.argv[1:])  # before transformers and peft load: a second less to start
+
+from chatft.training.stages import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -81,3 +81,46 @@ def test_only_the_dispatcher_imports_a_stage():
 
 def test_every_stage_has_a_module():
     assert set(STAGE_MODULES) == set(STAGES)
+
+
+def test_bitsandbytes_is_left_out_only_where_nothing_may_use_it(tmp_path):
+    """finetune.py leaves bitsandbytes out of a run's start (a second of torch's compiler) unless the command
+    line, its --config or its model's config.json names quantization or a bitsandbytes optimizer."""
+    from chatft.lean_imports import needs_bitsandbytes
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    plain = ["--model_name_or_path", str(model), "--method", "lora", "--train_file", "x.jsonl"]
+    assert not needs_bitsandbytes(plain)
+    assert needs_bitsandbytes([*plain, "--method", "qlora"])
+    assert needs_bitsandbytes([*plain, "--quantization_bit=8"])
+    assert needs_bitsandbytes([*plain, "--optim", "paged_adamw_32bit"])
+    assert needs_bitsandbytes([*plain, "--optim", "adamw_bnb_8bit"])
+    config = tmp_path / "run.yaml"
+    config.write_text("method: lora\n")
+    assert not needs_bitsandbytes([*plain, "--config", str(config)])
+    config.write_text("method: qlora\n")
+    assert needs_bitsandbytes([*plain, f"--config={config}"])
+    assert needs_bitsandbytes([*plain, "--config", str(tmp_path / "missing.yaml")])  # unread: it may
+    (model / "config.json").write_text('{"quantization_config": {"quant_method": "bitsandbytes"}}')
+    assert needs_bitsandbytes(plain)
+
+
+def test_a_run_without_bitsandbytes_starts_and_sees_it_as_not_installed():
+    """With bitsandbytes left out, the training stack imports and peft and transformers call it not installed."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from chatft.lean_imports import leave_out_bitsandbytes\n"
+        "assert leave_out_bitsandbytes(['--method', 'lora'])\n"
+        "import chatft.training.sft\n"
+        "from transformers.utils import is_bitsandbytes_available\n"
+        "from peft.import_utils import is_bnb_available\n"
+        "print(is_bitsandbytes_available(), is_bnb_available(), sys.modules['bitsandbytes'])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PACKAGE.parent)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["False", "False", "None"]

@@ -145,11 +145,17 @@ def test_a_budget_capped_by_max_steps_trains_as_max_steps_alone_and_resumes_exac
 def test_a_real_budget_ends_its_schedule_at_its_last_step(setup, tmp_path, capsys):
     out = tmp_path / "o"
     assert main(argv_for(setup, out, "--time_budget", "12s", "--save_strategy", "no")) == 0
-    log = capsys.readouterr().out
+    captured = capsys.readouterr()
+    log = captured.out
     assert "--time_budget:" in log and "steps (" in log
     state = json.loads((out / "trainer_state.json").read_text())
     steps, lrs = state["global_step"], [h["learning_rate"] for h in history(out)]
     assert 4 <= steps <= state["max_steps"] < PROVISIONAL
+    assert f"{steps}/{state['max_steps']} [" in captured.err  # the progress bar counts the chosen steps
+    end = state["log_history"][-1]
+    # the rows of the steps run (at most the 10 examples of a step each), not of the provisional count the
+    # Trainer planned at the start
+    assert 0 < end["train_samples_per_second"] * end["train_runtime"] <= steps * 10 * 1.01
     if "stopping at step" not in log:  # unless the machine slowed down past the plan (then it says so)
         assert steps == state["max_steps"]
         assert lrs[-1] < 0.1 * max(lrs)  # decayed to (about) zero at the last step, not cut off at full rate

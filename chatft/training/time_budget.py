@@ -113,8 +113,10 @@ class TimeBudget(TrainerCallback):
         save_bytes: int,
         log: Callable[[str], None] = print,
         clock: Callable[[], float] = time.monotonic,
+        show_total: Callable[[int], None] = lambda _steps: None,
     ) -> None:
         self.budget_s, self.cap, self.log, self.clock = budget_s, cap, log, clock
+        self.show_total = show_total  # the progress bar's step count
         self.examples_per_step, self.eval_examples, self.save_bytes = (
             examples_per_step,
             eval_examples,
@@ -166,6 +168,7 @@ class TimeBudget(TrainerCallback):
             total = min(total, self.cap)
         total = max(total, state.global_step)
         state.max_steps = total
+        self.show_total(total)
         lay_schedule(lr_scheduler, args, total)
         self.final = len(self.step_times) >= MEASURE_STEPS
         self.log(
@@ -206,5 +209,16 @@ def add_time_budget(trainer, training_args, resume: str | None, log: Callable[[s
         eval_examples=len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0,
         save_bytes=3 * trainable,  # the trainable weights and Adam's two moments
         log=log,
+        show_total=lambda steps: progress_bar_total(trainer, steps),
     )
     trainer.add_callback(callback)
+
+
+def progress_bar_total(trainer, steps: int) -> None:
+    """The training progress bar's total set to the chosen step count (it showed the provisional one, and an ETA
+    of years)."""
+    for callback in trainer.callback_handler.callbacks:
+        bar = getattr(callback, "training_bar", None)
+        if bar is not None:
+            bar.total = steps
+            bar.refresh()

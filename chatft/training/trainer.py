@@ -175,6 +175,10 @@ class ChatTrainer(Trainer):
                 logs[f"train_{name}"] = value
                 logs[f"train_{name}_per_second"] = round(value / runtime, 3)
             logs["train_padding_share"] = round(1 - tokens / positions, 4) if positions else 0.0
+            # the Trainer counts the samples of the steps it planned at the start: under --time_budget a
+            # provisional billion; these are the steps run (batch rows per step)
+            rows = self.args.train_batch_size * self.args.gradient_accumulation_steps * self.args.world_size
+            logs["train_samples_per_second"] = round(self.state.global_step * rows / runtime, 3)
         super().log(logs, start_time)
 
     def _flush(self) -> list[int]:

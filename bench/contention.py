@@ -16,6 +16,11 @@ named in the first line.
 
     python bench/contention.py                 # part 1: 5 settings x 0, 1, 2 busy processes
     python bench/contention.py --real          # and part 2
+    python bench/contention.py --loads '' --repeat 3   # part 3 alone
+
+Part 3 (--repeat N): chatft's same command (--real_steps steps, logged every step) N times idle and N times beside
+one busy process, and once SIGKILLed after its first checkpoint beside one busy process and resumed there
+(--resume_from_checkpoint auto): the precision each run chose and its logged losses against the first idle run's.
 """
 
 from __future__ import annotations
@@ -174,6 +179,71 @@ def part2(steps: int, out: Path) -> None:
         print(f"| {kind} | {idle:.2f} | {busy:.2f} | {busy / idle:.2f}x |", flush=True)
 
 
+def chatft_run(folder: Path, steps: int, busy: int, extra: list[str], kill_after_save: bool = False) -> dict:
+    """One chatft run (LoRA on ruozhiba, batch 4 x 512, seed 42, a checkpoint every steps // 2 steps) beside `busy`
+    busy loops: its precision line and logged losses. kill_after_save: SIGKILLed once its first checkpoint is
+    written (then nothing is read)."""
+    neighbours = [subprocess.Popen(BUSY) for _ in range(busy)]
+    cmd = [sys.executable, "finetune.py", "--train_file", str(ROOT.parent / "shared/data/ruozhiba_qa.json"),
+           "--output_dir", str(folder), "--method", "lora", "--lora_rank", "8", "--lora_alpha", "16",
+           "--per_device_train_batch_size", "4", "--max_seq_length", "512", "--max_steps", str(steps),
+           "--save_steps", str(steps // 2), "--report_to", "none", "--logging_steps", "1", "--seed", "42", *extra]  # fmt: skip
+    try:
+        time.sleep(1.0)
+        with open(folder.with_suffix(".log"), "w") as log:
+            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            state = (
+                folder / f"checkpoint-{steps // 2}" / "run_args.json"
+            )  # written last, by chatft's callback
+            while proc.poll() is None:
+                if kill_after_save and state.is_file():
+                    proc.kill()
+                    proc.wait()
+                    return {}
+                time.sleep(0.1)
+    finally:
+        for p in neighbours:
+            p.kill()
+            p.wait()
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): see {folder.with_suffix('.log')}")
+    text = folder.with_suffix(".log").read_text()
+    precision = next((line for line in text.splitlines() if line.startswith("precision:")), "?")
+    history = json.loads((folder / "trainer_state.json").read_text())["log_history"]
+    return {"precision": precision, "losses": [h["loss"] for h in history if "loss" in h]}
+
+
+def part3(runs: int, steps: int, out: Path) -> None:
+    """The same command, `runs` times idle and `runs` times beside one busy loop, and once SIGKILLed after its
+    first checkpoint beside one busy loop and resumed there: the precision each chose and how far its logged
+    losses are from the first idle run's."""
+    import shutil
+
+    print(
+        f"\nthe same run repeated, {steps} steps (precision chosen; largest |loss - first idle run's loss|):"
+    )
+    results = []
+    for busy in (0, 1):
+        for i in range(runs):
+            folder = out / f"repeat_{busy}_{i}"
+            shutil.rmtree(folder, ignore_errors=True)
+            results.append((f"{busy} busy, run {i + 1}", chatft_run(folder, steps, busy, [])))
+    folder = out / "repeat_killed"
+    shutil.rmtree(folder, ignore_errors=True)
+    chatft_run(folder, steps, 1, [], kill_after_save=True)
+    resumed = chatft_run(folder, steps, 1, ["--resume_from_checkpoint", "auto"])
+    first = results[0][1]["losses"]
+    resumed["losses"] = (
+        first[: steps - len(resumed["losses"])] + resumed["losses"]
+    )  # the steps it did not redo
+    results.append(("1 busy, killed after its first checkpoint, resumed", resumed))
+    print("| run | precision | losses | max difference |\n| --- | --- | --- | --- |")
+    for name, r in results:
+        diff = max(abs(a - b) for a, b in zip(r["losses"], first, strict=True))
+        print(f"| {name} | {r['precision']} | {', '.join(f'{x:.4f}' for x in r['losses'])} | {diff:.4f} |",
+              flush=True)  # fmt: skip
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -182,7 +252,10 @@ def main() -> int:
     p.add_argument("--settings", help="comma-separated subset of the settings")
     p.add_argument("--real", action="store_true", help="also whole runs: chatft against LLaMA-Factory")
     p.add_argument("--real_steps", type=int, default=8, help="steps of each whole run (default: 8)")
-    p.add_argument("--out", default="/tmp/chatft_contention", help="work folder for --real")
+    p.add_argument("--repeat", type=int, default=0,
+                   help="also the same chatft run N times idle and N times beside a busy loop, and one killed and "
+                   "resumed beside it: the precision chosen and the losses logged")  # fmt: skip
+    p.add_argument("--out", default="/tmp/chatft_contention", help="work folder for --real and --repeat")
     args = p.parse_args()
     if args.worker:
         worker(args.worker, args.steps)
@@ -192,9 +265,13 @@ def main() -> int:
             if name not in args.settings.split(","):
                 del SETTINGS[name]
     print(f"{cpu_name()}, {os.cpu_count()} CPUs; {time.strftime('%Y-%m-%d %H:%M')}", flush=True)
-    part1(args.steps, [int(x) for x in args.loads.split(",")])
+    if args.loads:
+        part1(args.steps, [int(x) for x in args.loads.split(",")])
     if args.real:
         part2(args.real_steps, Path(args.out))
+    if args.repeat:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        part3(args.repeat, args.real_steps, Path(args.out))
     return 0
 
 

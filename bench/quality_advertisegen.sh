@@ -9,6 +9,12 @@
 #   bash bench/quality_advertisegen.sh              # all 110 dev records (about 20 minutes on a 2-core CPU)
 #   MAX_DEV=30 STEPS=40 bash bench/quality_advertisegen.sh
 #   PRECISION=fp32 OUT=output/quality_fp32 bash bench/quality_advertisegen.sh   # training precision (default: auto)
+#   TIME_BUDGET=700s OUT=output/quality_budget bash bench/quality_advertisegen.sh
+#
+# TIME_BUDGET: quality at equal wall-clock time. Instead of 120 padded steps, chatft's defaults (packing, length
+# grouping, the machine's precision) train for that long (--time_budget, which sets the step count and spans the
+# schedule over it); give it the peer's measured 120-step training time on the same machine
+# (../shared/peer/run_lf_quality.sh train; its train_runtime).
 #
 # Prints both scores, the before/after table and the wall time of each phase; files under $OUT.
 set -euo pipefail
@@ -39,11 +45,16 @@ if [ -n "$MAX_DEV" ]; then
   dev=$OUT/dev_head.jsonl
 fi
 
+if [ -n "${TIME_BUDGET:-}" ]; then
+  length=(--time_budget "$TIME_BUDGET")
+else
+  length=(--max_steps "$STEPS" --packing False --group_by_length False)
+fi
 timed train python finetune.py --method lora --train_file "$OUT/train.json" --output_dir "$OUT/lora" \
-  --max_steps "$STEPS" --per_device_train_batch_size 4 --gradient_accumulation_steps 1 --learning_rate 2e-4 \
+  "${length[@]}" --per_device_train_batch_size 4 --gradient_accumulation_steps 1 --learning_rate 2e-4 \
   --lr_scheduler_type linear --warmup_steps 0 --weight_decay 0 --max_grad_norm 1.0 --lora_rank 8 \
   --lora_alpha 16 --lora_dropout 0 --lora_target all-linear --max_seq_length 512 --seed 42 \
-  --packing False --group_by_length False --save_strategy no --logging_steps 10 --precision "$PRECISION"
+  --save_strategy no --logging_steps 10 --precision "$PRECISION"
 timed predict_base python inference.py --input_file "$dev" --output_file "$OUT/base.jsonl" \
   --max_new_tokens 128 --batch_size 16 --eval
 timed predict_lora python inference.py --adapter "$OUT/lora" --input_file "$dev" --output_file "$OUT/tuned.jsonl" \

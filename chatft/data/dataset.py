@@ -296,7 +296,7 @@ def tokenize_records(
             "settings": settings,
             "parse_as": raw.parse_as,
             "raw_file": raw.dataset.cache_files[0]["filename"],
-        },  # fmt: skip
+        },
         num_proc=workers if workers > 1 else None,
         remove_columns=raw.dataset.column_names,
         features=ENCODED_FEATURES,

@@ -1,6 +1,7 @@
 """What every training process sets up: glibc's memory behaviour (the mmap threshold; freed memory handed back
-after every micro-batch), the memory-mapped data's pages released as training reads on, torch's threads fitted to the machine's load (chatft.threads), no pinned memory on the
-CPU, and the log (the main process prints, the others not)."""
+after every micro-batch), the memory-mapped data's pages released as training reads on, torch's threads fitted to
+the machine's load (chatft.threads), no pinned memory on the CPU, and the log (the main process prints, the others
+not)."""
 
 from __future__ import annotations
 
@@ -98,9 +99,9 @@ class FollowMachineLoad(TrainerCallback):
 
 
 class ReleaseDataPages(TrainerCallback):
-    """At a step's end, at most every `every` seconds, the pages of the memory-mapped Arrow data read so far leave this
-    process's resident memory (chatft.data.raw.release_mapped_pages): an epoch over a million examples does not
-    grow the RSS by the data's size. The pages stay in the page cache."""
+    """At a step's end, at most every `every` seconds, the pages of the memory-mapped Arrow data read so far leave
+    this process's resident memory (chatft.data.raw.release_mapped_pages): an epoch over a million examples does
+    not grow the RSS by the data's size. The pages stay in the page cache."""
 
     every = 30.0
 

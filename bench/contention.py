@@ -26,12 +26,14 @@ one busy process, and once SIGKILLed after its first checkpoint beside one busy 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +47,19 @@ SETTINGS = {
     "chatft": {},
 }
 BUSY = [sys.executable, "-c", "while True: pass"]
+
+
+@contextlib.contextmanager
+def busy_loops(n: int) -> Iterator[None]:
+    """n Python busy loops running beside the block (after a second to get going); killed when it ends."""
+    neighbours = [subprocess.Popen(BUSY) for _ in range(n)]
+    try:
+        time.sleep(1.0)
+        yield
+    finally:
+        for p in neighbours:
+            p.kill()
+            p.wait()
 
 
 def cpu_name() -> str:
@@ -97,23 +112,17 @@ def worker(setting: str, steps: int) -> None:
 
 
 def measure(setting: str, busy: int, steps: int) -> dict:
-    neighbours = [subprocess.Popen(BUSY) for _ in range(busy)]
-    try:
-        time.sleep(1.0)
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")
-        }
-        env |= SETTINGS[setting]
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")
+    }
+    env |= SETTINGS[setting]
+    with busy_loops(busy):
         r = subprocess.run(
             [sys.executable, __file__, "--worker", setting, "--steps", str(steps)],
             env=env, capture_output=True, text=True, timeout=3600, cwd=ROOT,
         )  # fmt: skip
-    finally:
-        for p in neighbours:
-            p.kill()
-            p.wait()
     if r.returncode != 0:
         raise SystemExit(f"{setting}, {busy} busy: failed\n{r.stderr[-3000:]}")
     result = json.loads(r.stdout.strip().splitlines()[-1])
@@ -146,9 +155,7 @@ def part1(steps: int, loads: list[int]) -> None:
 
 def real_run(kind: str, busy: int, steps: int, out: Path) -> float:
     """Seconds per step of a whole run (train_runtime / steps)."""
-    neighbours = [subprocess.Popen(BUSY) for _ in range(busy)]
-    try:
-        time.sleep(1.0)
+    with busy_loops(busy):
         if kind == "chatft":
             folder = out / f"chatft_{busy}"
             cmd = [sys.executable, "finetune.py", "--train_file", str(ROOT.parent / "shared/data/ruozhiba_qa.json"),
@@ -163,10 +170,6 @@ def real_run(kind: str, busy: int, steps: int, out: Path) -> float:
                            check=True, capture_output=True, timeout=7200)  # fmt: skip
             folder = Path(os.environ.get("LF_RUNS", "/tmp/lf_runs")) / f"lora_busy{busy}" / "out"
             state = json.loads((folder / "trainer_state.json").read_text())
-    finally:
-        for p in neighbours:
-            p.kill()
-            p.wait()
     runtime = next(h["train_runtime"] for h in state["log_history"] if "train_runtime" in h)
     return runtime / state["global_step"]
 
@@ -183,28 +186,19 @@ def chatft_run(folder: Path, steps: int, busy: int, extra: list[str], kill_after
     """One chatft run (LoRA on ruozhiba, batch 4 x 512, seed 42, a checkpoint every steps // 2 steps) beside `busy`
     busy loops: its precision line and logged losses. kill_after_save: SIGKILLed once its first checkpoint is
     written (then nothing is read)."""
-    neighbours = [subprocess.Popen(BUSY) for _ in range(busy)]
     cmd = [sys.executable, "finetune.py", "--train_file", str(ROOT.parent / "shared/data/ruozhiba_qa.json"),
            "--output_dir", str(folder), "--method", "lora", "--lora_rank", "8", "--lora_alpha", "16",
            "--per_device_train_batch_size", "4", "--max_seq_length", "512", "--max_steps", str(steps),
            "--save_steps", str(steps // 2), "--report_to", "none", "--logging_steps", "1", "--seed", "42", *extra]  # fmt: skip
-    try:
-        time.sleep(1.0)
-        with open(folder.with_suffix(".log"), "w") as log:
-            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-            state = (
-                folder / f"checkpoint-{steps // 2}" / "run_args.json"
-            )  # written last, by chatft's callback
-            while proc.poll() is None:
-                if kill_after_save and state.is_file():
-                    proc.kill()
-                    proc.wait()
-                    return {}
-                time.sleep(0.1)
-    finally:
-        for p in neighbours:
-            p.kill()
-            p.wait()
+    saved = folder / f"checkpoint-{steps // 2}" / "run_args.json"  # written last, by chatft's callback
+    with busy_loops(busy), open(folder.with_suffix(".log"), "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        while proc.poll() is None:
+            if kill_after_save and saved.is_file():
+                proc.kill()
+                proc.wait()
+                return {}
+            time.sleep(0.1)
     if proc.returncode != 0:
         raise SystemExit(f"failed ({proc.returncode}): see {folder.with_suffix('.log')}")
     text = folder.with_suffix(".log").read_text()

@@ -313,3 +313,30 @@ def test_closing_token_ids_per_template():
     glm = make_tokenizer(None)
     assert closing_token_ids(glm, NATIVE_TEMPLATES["chatglm3"]) == ids("</s>", "<|user|>", "<|observation|>")
     assert closing_token_ids(glm, None) == ids("</s>")
+
+
+def test_label_helpers_against_plain_loops():
+    """The fast helpers encode_piece and plan_examples use (list.index, bisect with a key, prefix comparisons)
+    give what the plain loops they replace give, on adjacent repeats, zero-width tokens and prefixes of all
+    lengths."""
+    import random
+
+    from chatft.data.history import _common_prefix
+    from chatft.data.labels import _positions, _token_range
+
+    rng = random.Random(0)
+    for _ in range(300):
+        ids = [rng.randrange(6) for _ in range(rng.randrange(12))]
+        wanted = {0, 1, None}
+        assert _positions(ids, wanted) == [k for k, t in enumerate(ids) if t in wanted]
+        a = "".join(rng.choice("ab") for _ in range(rng.randrange(10)))
+        b = "".join(rng.choice("ab") for _ in range(rng.randrange(10)))
+        naive = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        assert _common_prefix(a, b) == naive
+    offsets = [(0, 2), (2, 2), (2, 5), (5, 6), (6, 9)]  # a zero-width token at 2 counts for character 2
+    starts, ends = [s for s, _ in offsets], [max(e, s + 1) for s, e in offsets]
+    for lo in range(10):
+        for hi in range(lo, 11):
+            first = sum(1 for e in ends if e <= lo)
+            stop = sum(1 for s in starts if s < hi)
+            assert _token_range(offsets, (lo, hi)) == (first, max(first, stop))

@@ -161,7 +161,7 @@ def _encode_batch(
             if note and len(examples) > 1:
                 note = f"example {k + 1} of {len(examples)} (turns {', '.join(map(str, enc.turns))}): {note}"
             add(file, record, input_ids=kept.input_ids, labels=kept.labels, length=len(kept.input_ids),
-                trained=sum(1 for label in kept.labels if label != IGNORE_INDEX), closers=kept.closers,
+                trained=len(kept.labels) - kept.labels.count(IGNORE_INDEX), closers=kept.closers,
                 truncated=cut, note=note, examples=split if k == 0 else (0, 0, 0), tools=_has_tools(conv))  # fmt: skip
     return out
 

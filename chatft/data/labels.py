@@ -27,11 +27,34 @@ class Encoded:
     turns: list[int] = field(default_factory=list)  # which trained turns of the conversation (1 = its first)
 
 
-def _token_range(starts: list[int], ends: list[int], span: tuple[int, int]) -> tuple[int, int]:
-    """[first, stop) of the tokens holding any character of span (offsets are sorted, as tokens are in order)."""
-    first = bisect.bisect_right(ends, span[0])
-    stop = bisect.bisect_left(starts, span[1])
+def _token_range(offsets: list[tuple[int, int]], span: tuple[int, int]) -> tuple[int, int]:
+    """[first, stop) of the tokens holding any character of span (offsets are sorted, as tokens are in order; a
+    zero-width token counts for the character at its start)."""
+    first = bisect.bisect_right(offsets, span[0], key=_end)
+    stop = bisect.bisect_left(offsets, span[1], key=_start)
     return first, max(first, stop)
+
+
+def _start(offset: tuple[int, int]) -> int:
+    return offset[0]
+
+
+def _end(offset: tuple[int, int]) -> int:
+    return max(offset[1], offset[0] + 1)
+
+
+def _positions(ids: list[int], wanted: set[int]) -> list[int]:
+    """The indices k with ids[k] in wanted, in order (found with list.index: special tokens are few in a text)."""
+    found = []
+    for t in wanted.intersection(ids):
+        k = ids.index(t)
+        while True:
+            found.append(k)
+            try:
+                k = ids.index(t, k + 1)
+            except ValueError:
+                break
+    return sorted(found)
 
 
 def encode_piece(piece: Piece, tokenizer: PreTrainedTokenizerBase) -> Encoded:
@@ -46,27 +69,22 @@ def encode_piece(piece: Piece, tokenizer: PreTrainedTokenizerBase) -> Encoded:
     with the reason: the model would not learn where its turn ends."""
     text = piece.text
     ids, offsets = token_offsets(tokenizer, text)
-    starts = [s for s, _ in offsets]
-    # a zero-width token counts for the character at s
-    ends = [max(e, s + 1) for s, e in offsets]
     labels = [IGNORE_INDEX] * len(ids)
     specials = _special_ids(tokenizer)
     eos = tokenizer.eos_token_id
     # where the special tokens and the EOS are: a turn's own closer and an early end of turn are looked up there
-    marked = [k for k, t in enumerate(ids) if t in specials or t == eos]
+    marked = _positions(ids, specials | {eos})
     turn_ends, closers = [], []
     for n, span in zip(piece.turns, piece.spans, strict=True):
-        first, stop = _token_range(starts, ends, span)
-        while first < stop and ids[first] in specials and starts[first] < span[0]:
+        first, stop = _token_range(offsets, span)
+        while first < stop and ids[first] in specials and offsets[first][0] < span[0]:
             first += 1  # a header token that swallows the white space after it (rstrip, as Phi-3's) stays untrained
         inside = marked[bisect.bisect_left(marked, first) : bisect.bisect_left(marked, stop)]
         own = [k for k in inside if ids[k] in specials]
         if own:
             stop = own[-1] + 1
         else:
-            while (
-                stop < len(ids) and ids[stop] not in specials and not text[starts[stop] : ends[stop]].strip()
-            ):
+            while stop < len(ids) and ids[stop] not in specials and not _token_text(text, offsets[stop]).strip():
                 stop += 1  # white space between the turn and what closes it
             if stop < len(ids) and ids[stop] in specials:
                 stop += 1
@@ -77,7 +95,7 @@ def encode_piece(piece: Piece, tokenizer: PreTrainedTokenizerBase) -> Encoded:
             else:
                 raise TemplateError(
                     f"assistant turn {n} has no closing token: the template ends it with neither a special token "
-                    f"of its own nor a special token after it (it is followed by {text[starts[stop] : ends[stop]]!r}), "
+                    f"of its own nor a special token after it (it is followed by {_token_text(text, offsets[stop])!r}), "
                     "so the model could not learn where its turn ends; use a template that closes turns with a "
                     "special token"
                 )
@@ -93,6 +111,10 @@ def encode_piece(piece: Piece, tokenizer: PreTrainedTokenizerBase) -> Encoded:
         turn_ends.append(stop)
         closers.append(closer)
     return Encoded(ids, labels, turn_ends, closers=closers, turns=list(piece.turns))
+
+
+def _token_text(text: str, offset: tuple[int, int]) -> str:
+    return text[offset[0] : _end(offset)]
 
 
 def token_offsets(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[list[int], list[tuple[int, int]]]:

@@ -331,7 +331,7 @@ def test_label_helpers_against_plain_loops():
         assert _positions(ids, wanted) == [k for k, t in enumerate(ids) if t in wanted]
         a = "".join(rng.choice("ab") for _ in range(rng.randrange(10)))
         b = "".join(rng.choice("ab") for _ in range(rng.randrange(10)))
-        naive = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        naive = next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
         assert _common_prefix(a, b) == naive
     offsets = [(0, 2), (2, 2), (2, 5), (5, 6), (6, 9)]  # a zero-width token at 2 counts for character 2
     starts, ends = [s for s, _ in offsets], [max(e, s + 1) for s, e in offsets]

@@ -84,7 +84,9 @@ def encode_piece(piece: Piece, tokenizer: PreTrainedTokenizerBase) -> Encoded:
         if own:
             stop = own[-1] + 1
         else:
-            while stop < len(ids) and ids[stop] not in specials and not _token_text(text, offsets[stop]).strip():
+            while (
+                stop < len(ids) and ids[stop] not in specials and not _token_text(text, offsets[stop]).strip()
+            ):
                 stop += 1  # white space between the turn and what closes it
             if stop < len(ids) and ids[stop] in specials:
                 stop += 1

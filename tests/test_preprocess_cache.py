@@ -195,3 +195,22 @@ def test_two_processes_on_the_same_data_tokenize_once(data, tmp_path):
     assert f"prepared by pid {first.pid})" in out_second  # which process did it, in the report
     rows = [line for line in out_first.splitlines() if line.startswith("ROWS")]
     assert rows and rows == [line for line in out_second.splitlines() if line.startswith("ROWS")]
+
+
+def test_records_are_encoded_with_the_heap_frozen(data, tmp_path, monkeypatch):
+    """gc.freeze() while the workers are forked and encode: their collector never walks (and so never copies) the
+    pages of the objects they inherit."""
+    import gc
+
+    real = dataset_module._encode_batch
+    frozen: list[int] = []
+
+    def encode(*args, **kwargs):
+        frozen.append(gc.get_freeze_count())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dataset_module, "_encode_batch", encode)
+    prepared, _ = prepare(data, tmp_path / "cache")
+    assert len(prepared.dataset) == 2
+    assert frozen and min(frozen) > 0
+    assert gc.get_freeze_count() == 0  # unfrozen after

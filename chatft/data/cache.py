@@ -156,7 +156,8 @@ KEPT_COLUMNS = ("file", "record", "input_ids", "labels", "length")
 
 def encoded_dataset(folder: Path) -> datasets.Dataset:
     """The rows training reads from a folder of tokenized Arrow files (memory-mapped), with the columns it reads:
-    every row, or those keep.npy lists."""
+    every row, or those keep.npy lists. The pages opening them read (a page or so per record batch) are released
+    (raw.release_mapped_pages)."""
     parts = [datasets.Dataset.from_file(str(f)) for f in sorted(folder.glob("encoded*.arrow"))]
     if not parts:
         raise ValueError(f"{folder}: no encoded*.arrow")
@@ -164,4 +165,5 @@ def encoded_dataset(folder: Path) -> datasets.Dataset:
     keep = folder / "keep.npy"
     if keep.is_file():
         dataset = dataset.select(np.load(keep))
+    release_dataset_pages(dataset)
     return dataset.select_columns(list(KEPT_COLUMNS))

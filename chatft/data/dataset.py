@@ -24,13 +24,15 @@ The report on the result (DataStats, the Sanity Check) is stats.py; storing and 
 from __future__ import annotations
 
 import atexit
+import gc
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -270,6 +272,24 @@ def default_workers(records: int, cores: int | None = None) -> int:
     return max(1, min(cores, records // MIN_RECORDS_PER_WORKER))
 
 
+# records a worker encodes at a time, and the rows of one Arrow record batch: opening a file touches a page or so
+# per batch (its header), in each worker and again in this process, so a million records in batches of 500 left
+# ~300 MB of those pages resident at once; a batch of 2,000 records costs a worker ~20 MB while it is encoded
+ENCODE_BATCH = 2_000
+
+
+@contextmanager
+def _frozen_heap() -> Iterator[None]:
+    """gc.freeze() while the tokenizing workers are forked and run: their collector then never walks the objects
+    they inherit from this process (torch, transformers, the tokenizer), which would write to every page holding
+    one and so copy it into each worker (Python's documented use of gc.freeze before fork)."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def tokenize_records(
     raw: RawData,
     tokenizer: PreTrainedTokenizerBase,
@@ -286,24 +306,26 @@ def tokenize_records(
     workers = num_proc if num_proc else default_workers(len(raw.dataset))
     workers = max(1, min(workers, len(raw.dataset) // 2 or 1))
     say(f"tokenizing {len(raw.dataset)} records with {workers} process(es)")
-    encoded = raw.dataset.map(  # more rows than records where a conversation is split
-        _encode_raw_batch,
-        batched=True,
-        batch_size=500,
-        writer_batch_size=500,
-        fn_kwargs={
-            "tokenizer": tokenizer,
-            "settings": settings,
-            "parse_as": raw.parse_as,
-            "raw_file": raw.dataset.cache_files[0]["filename"],
-        },
-        num_proc=workers if workers > 1 else None,
-        remove_columns=raw.dataset.column_names,
-        features=ENCODED_FEATURES,
-        cache_file_name=str(folder / "encoded.arrow"),
-        load_from_cache_file=False,
-        desc="tokenizing",
-    )
+    with _frozen_heap():
+        encoded = raw.dataset.map(  # more rows than records where a conversation is split
+            _encode_raw_batch,
+            batched=True,
+            batch_size=ENCODE_BATCH,
+            writer_batch_size=ENCODE_BATCH,
+            fn_kwargs={
+                "tokenizer": tokenizer,
+                "settings": settings,
+                "parse_as": raw.parse_as,
+                "raw_file": raw.dataset.cache_files[0]["filename"],
+            },
+            num_proc=workers if workers > 1 else None,
+            remove_columns=raw.dataset.column_names,
+            features=ENCODED_FEATURES,
+            cache_file_name=str(folder / "encoded.arrow"),
+            load_from_cache_file=False,
+            desc="tokenizing",
+        )
+    release_dataset_pages(encoded)  # what opening the workers' files read (a page or so per record batch)
     tokenized = time.perf_counter()
     # the small columns only: filtering a table copies what it holds, and the token lists are most of the data
     table = encoded.data.table.select([c for c in ENCODED_FEATURES if c not in ("input_ids", "labels")])
@@ -327,7 +349,7 @@ def tokenize_records(
     split = table.filter(pc.greater(first_rows, 1)).column("examples").to_pylist()
     stats.split, stats.split_examples = len(split), sum(e[0] for e in split)
     stats.split_tokens, stats.split_whole_tokens = sum(e[1] for e in split), sum(e[2] for e in split)
-    kept = table.filter(keep)
+    kept = table if pc.all(keep).as_py() else table.filter(keep)  # a filter copies, even when it keeps all
     stats.truncated = pc.sum(kept.column("truncated")).as_py() or 0
     stats.trained_tokens = pc.sum(kept.column("trained")).as_py() or 0
     stats.lengths = kept.column("length").to_pylist()

@@ -214,3 +214,22 @@ def test_records_are_encoded_with_the_heap_frozen(data, tmp_path, monkeypatch):
     assert len(prepared.dataset) == 2
     assert frozen and min(frozen) > 0
     assert gc.get_freeze_count() == 0  # unfrozen after
+
+
+def test_cached_path_encodes_rows_as_int32_arrays_equal_to_the_lists():
+    """The workers keep a batch's token rows as int32 arrays (a ninth of a list's memory); the streaming path
+    keeps lists; both hold the same ids and labels."""
+    import numpy as np
+
+    from chatft.data.templates import get_template
+
+    tokenizer = make_tokenizer()
+    batch = {"file": ["d.jsonl"] * 2, "record": [1, 2], "field": ["", ""], "error": ["", ""],
+             "text": [json.dumps(r) for r in RECORDS[:2]]}  # fmt: skip
+    settings = dataset_module.EncodeSettings(get_template(None, tokenizer), 64)
+    lists = dataset_module._encode_batch(batch, tokenizer, settings, {"d.jsonl": "openai"})
+    arrays = dataset_module._encode_batch(batch, tokenizer, settings, {"d.jsonl": "openai"}, arrays=True)
+    for key in ("input_ids", "labels"):
+        assert all(isinstance(row, list) for row in lists[key])
+        assert all(isinstance(row, np.ndarray) and row.dtype == np.int32 for row in arrays[key])
+        assert [row.tolist() for row in arrays[key]] == lists[key]

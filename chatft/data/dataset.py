@@ -119,13 +119,18 @@ def _encode_batch(
     tokenizer: PreTrainedTokenizerBase,
     settings: EncodeSettings,
     parse_as: dict[str, str],
+    arrays: bool = False,
 ) -> dict:
     """Each raw record (chatft.data.raw) -> parsed, validated, one row per example (several for a conversation
-    the template splits), or one row with its located problem."""
+    the template splits), or one row with its located problem. arrays: each row's input_ids and labels as an int32
+    numpy array (a ninth of the memory of a list while the batch is built), else a list."""
     out: dict[str, list] = {k: [] for k in ENCODED_FEATURES}
 
     def add(file: str, record: int, **row) -> None:
         row = {**_EMPTY, "file": file, "record": record, **row}
+        if arrays:
+            row["input_ids"] = np.asarray(row["input_ids"], dtype=np.int32)
+            row["labels"] = np.asarray(row["labels"], dtype=np.int32)
         for key in ENCODED_FEATURES:
             out[key].append(row[key])
 
@@ -194,7 +199,7 @@ def _encode_raw_batch(
     process's resident memory at most once a second (raw.release_mapped_pages): its RSS does not grow with the
     data."""
     global _released_at
-    out = _encode_batch(batch, tokenizer, settings, parse_as)
+    out = _encode_batch(batch, tokenizer, settings, parse_as, arrays=True)
     if time.monotonic() - _released_at >= 1.0:
         release_mapped_pages(raw_file)
         _released_at = time.monotonic()

@@ -197,9 +197,9 @@ def test_two_processes_on_the_same_data_tokenize_once(data, tmp_path):
     assert rows and rows == [line for line in out_second.splitlines() if line.startswith("ROWS")]
 
 
-def test_records_are_encoded_with_the_heap_frozen(data, tmp_path, monkeypatch):
+def test_records_are_encoded_with_the_heap_trimmed_and_frozen(data, tmp_path, monkeypatch):
     """gc.freeze() while the workers are forked and encode: their collector never walks (and so never copies) the
-    pages of the objects they inherit."""
+    pages of the objects they inherit; the freed heap is given back before (malloc_trim)."""
     import gc
 
     real = dataset_module._encode_batch
@@ -210,8 +210,13 @@ def test_records_are_encoded_with_the_heap_frozen(data, tmp_path, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(dataset_module, "_encode_batch", encode)
+    trims: list[int] = []
+    monkeypatch.setattr(
+        dataset_module, "glibc_malloc_trim", lambda: lambda: trims.append(gc.get_freeze_count())
+    )
     prepared, _ = prepare(data, tmp_path / "cache")
     assert len(prepared.dataset) == 2
+    assert trims == [0]  # once, before the freeze
     assert frozen and min(frozen) > 0
     assert gc.get_freeze_count() == 0  # unfrozen after
 

@@ -54,7 +54,13 @@ from chatft.data.cache import (
     tokenizer_files,
 )
 from chatft.data.files import _json_message, expand_paths
-from chatft.data.raw import RawData, read_raw, release_dataset_pages, release_mapped_pages
+from chatft.data.raw import (
+    RawData,
+    glibc_malloc_trim,
+    read_raw,
+    release_dataset_pages,
+    release_mapped_pages,
+)
 from chatft.data.readers import parse_record
 from chatft.data.schema import Conversation, Problem, RecordError
 from chatft.data.stats import NOTES_SHOWN, DataStats, PreparedData, sanity_check_lines
@@ -287,7 +293,12 @@ ENCODE_BATCH = 2_000
 def _frozen_heap() -> Iterator[None]:
     """gc.freeze() while the tokenizing workers are forked and run: their collector then never walks the objects
     they inherit from this process (torch, transformers, the tokenizer), which would write to every page holding
-    one and so copy it into each worker (Python's documented use of gc.freeze before fork)."""
+    one and so copy it into each worker (Python's documented use of gc.freeze before fork). Before it, garbage is
+    collected and the freed heap given back (malloc_trim), so that no process inherits it."""
+    gc.collect()
+    trim = glibc_malloc_trim()
+    if trim is not None:
+        trim()
     gc.freeze()
     try:
         yield

@@ -197,16 +197,15 @@ def test_two_processes_on_the_same_data_tokenize_once(data, tmp_path):
     assert rows and rows == [line for line in out_second.splitlines() if line.startswith("ROWS")]
 
 
-def test_records_are_encoded_with_the_heap_trimmed_and_frozen(data, tmp_path, monkeypatch):
+def test_workers_are_forked_with_the_heap_trimmed_and_frozen(tmp_path, monkeypatch):
     """gc.freeze() while the workers are forked and encode: their collector never walks (and so never copies) the
-    pages of the objects they inherit; the freed heap is given back before (malloc_trim)."""
+    pages of the objects they inherit; the freed heap is given back before (malloc_trim). One process: neither."""
     import gc
 
     real = dataset_module._encode_batch
-    frozen: list[int] = []
 
-    def encode(*args, **kwargs):
-        frozen.append(gc.get_freeze_count())
+    def encode(*args, **kwargs):  # runs in the forked workers: a failure here fails the map
+        assert gc.get_freeze_count() > 0, "a worker's collector walks the heap it inherited"
         return real(*args, **kwargs)
 
     monkeypatch.setattr(dataset_module, "_encode_batch", encode)
@@ -214,11 +213,15 @@ def test_records_are_encoded_with_the_heap_trimmed_and_frozen(data, tmp_path, mo
     monkeypatch.setattr(
         dataset_module, "glibc_malloc_trim", lambda: lambda: trims.append(gc.get_freeze_count())
     )
-    prepared, _ = prepare(data, tmp_path / "cache")
-    assert len(prepared.dataset) == 2
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(RECORDS[k % 2]) + "\n" for k in range(8)))
+    prepared, log = prepare(data, tmp_path / "cache", num_proc=2)
+    assert len(prepared.dataset) == 8 and any("with 2 process(es)" in line for line in log)
     assert trims == [0]  # once, before the freeze
-    assert frozen and min(frozen) > 0
     assert gc.get_freeze_count() == 0  # unfrozen after
+    monkeypatch.setattr(dataset_module, "_encode_batch", real)
+    prepare(data, tmp_path / "cache1", num_proc=1)
+    assert trims == [0]
 
 
 def test_cached_path_encodes_rows_as_int32_arrays_equal_to_the_lists():

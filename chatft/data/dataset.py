@@ -285,16 +285,20 @@ def default_workers(records: int, cores: int | None = None) -> int:
 
 # records a worker encodes at a time, and the rows of one Arrow record batch: opening a file touches a page or so
 # per batch (its header), in each worker and again in this process, so a million records in batches of 500 left
-# ~300 MB of those pages resident at once; a batch of 2,000 records costs a worker ~20 MB while it is encoded
+# ~300 MB of those pages resident at once; a batch of 2,000 records holds ~4 MB of token arrays in a worker
 ENCODE_BATCH = 2_000
 
 
 @contextmanager
-def _frozen_heap() -> Iterator[None]:
-    """gc.freeze() while the tokenizing workers are forked and run: their collector then never walks the objects
-    they inherit from this process (torch, transformers, the tokenizer), which would write to every page holding
-    one and so copy it into each worker (Python's documented use of gc.freeze before fork). Before it, garbage is
-    collected and the freed heap given back (malloc_trim), so that no process inherits it."""
+def _frozen_heap(forking: bool) -> Iterator[None]:
+    """When worker processes are forked: gc.freeze() while they are forked and run, so that their collector never
+    walks the objects they inherit from this process (torch, transformers, the tokenizer), which would write to
+    every page holding one and so copy it into each worker (Python's documented use of gc.freeze before fork).
+    Before it, garbage is collected and the freed heap given back (malloc_trim), so that no worker inherits it.
+    Not forking: nothing (a full collection costs ~0.2 s)."""
+    if not forking:
+        yield
+        return
     gc.collect()
     trim = glibc_malloc_trim()
     if trim is not None:
@@ -322,7 +326,7 @@ def tokenize_records(
     workers = num_proc if num_proc else default_workers(len(raw.dataset))
     workers = max(1, min(workers, len(raw.dataset) // 2 or 1))
     say(f"tokenizing {len(raw.dataset)} records with {workers} process(es)")
-    with _frozen_heap():
+    with _frozen_heap(forking=workers > 1):
         encoded = raw.dataset.map(  # more rows than records where a conversation is split
             _encode_raw_batch,
             batched=True,

@@ -153,15 +153,20 @@ def part1(steps: int, loads: list[int]) -> None:
         print(f"\n(x: the step time over {base}' idle step time)")
 
 
+def chatft_command(folder: Path, steps: int, *extra: str) -> list[str]:
+    """finetune.py with its defaults: LoRA r8 on ruozhiba, batch 4 x 512, `steps` steps logged every step."""
+    return [sys.executable, "finetune.py", "--train_file", str(ROOT.parent / "shared/data/ruozhiba_qa.json"),
+            "--output_dir", str(folder), "--method", "lora", "--lora_rank", "8", "--lora_alpha", "16",
+            "--per_device_train_batch_size", "4", "--max_seq_length", "512", "--max_steps", str(steps),
+            "--report_to", "none", "--logging_steps", "1", *extra]  # fmt: skip
+
+
 def real_run(kind: str, busy: int, steps: int, out: Path) -> float:
     """Seconds per step of a whole run (train_runtime / steps)."""
     with busy_loops(busy):
         if kind == "chatft":
             folder = out / f"chatft_{busy}"
-            cmd = [sys.executable, "finetune.py", "--train_file", str(ROOT.parent / "shared/data/ruozhiba_qa.json"),
-                   "--output_dir", str(folder), "--method", "lora", "--lora_rank", "8", "--lora_alpha", "16",
-                   "--per_device_train_batch_size", "4", "--max_seq_length", "512", "--max_steps", str(steps),
-                   "--save_strategy", "no", "--report_to", "none", "--logging_steps", "1"]  # fmt: skip
+            cmd = chatft_command(folder, steps, "--save_strategy", "no")
             subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=7200)
             state = json.loads((folder / "trainer_state.json").read_text())
         else:
@@ -186,10 +191,7 @@ def chatft_run(folder: Path, steps: int, busy: int, extra: list[str], kill_after
     """One chatft run (LoRA on ruozhiba, batch 4 x 512, seed 42, a checkpoint every steps // 2 steps) beside `busy`
     busy loops: its precision line and logged losses. kill_after_save: SIGKILLed once its first checkpoint is
     written (then nothing is read)."""
-    cmd = [sys.executable, "finetune.py", "--train_file", str(ROOT.parent / "shared/data/ruozhiba_qa.json"),
-           "--output_dir", str(folder), "--method", "lora", "--lora_rank", "8", "--lora_alpha", "16",
-           "--per_device_train_batch_size", "4", "--max_seq_length", "512", "--max_steps", str(steps),
-           "--save_steps", str(steps // 2), "--report_to", "none", "--logging_steps", "1", "--seed", "42", *extra]  # fmt: skip
+    cmd = chatft_command(folder, steps, "--save_steps", str(steps // 2), "--seed", "42", *extra)
     saved = folder / f"checkpoint-{steps // 2}" / "run_args.json"  # written last, by chatft's callback
     with busy_loops(busy), open(folder.with_suffix(".log"), "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)

@@ -197,31 +197,54 @@ def test_two_processes_on_the_same_data_tokenize_once(data, tmp_path):
     assert rows and rows == [line for line in out_second.splitlines() if line.startswith("ROWS")]
 
 
-def test_workers_are_forked_with_the_heap_trimmed_and_frozen(tmp_path, monkeypatch):
-    """gc.freeze() while the workers are forked and encode: their collector never walks (and so never copies) the
-    pages of the objects they inherit; the freed heap is given back before (malloc_trim). One process: neither."""
-    import gc
+def test_workers_start_from_a_lean_process_and_give_the_rows_of_one(tmp_path, monkeypatch):
+    """Two workers: the map runs under multiprocess's fork server (not forked from this process, which holds
+    torch), the start method is restored and the server stopped after; the rows are those of one process, which
+    maps under the start method it had."""
+    import datasets
+    import multiprocess
+    from multiprocess import forkserver
 
-    real = dataset_module._encode_batch
+    before = multiprocess.get_start_method(allow_none=True)
+    methods: list[str | None] = []
+    real_map = datasets.Dataset.map
 
-    def encode(*args, **kwargs):  # runs in the forked workers: a failure here fails the map
-        assert gc.get_freeze_count() > 0, "a worker's collector walks the heap it inherited"
-        return real(*args, **kwargs)
+    def map_(self, *args, **kwargs):
+        if kwargs.get("desc") == "tokenizing":
+            methods.append(multiprocess.get_start_method(allow_none=True))
+        return real_map(self, *args, **kwargs)
 
-    monkeypatch.setattr(dataset_module, "_encode_batch", encode)
-    trims: list[int] = []
-    monkeypatch.setattr(
-        dataset_module, "glibc_malloc_trim", lambda: lambda: trims.append(gc.get_freeze_count())
-    )
+    monkeypatch.setattr(datasets.Dataset, "map", map_)
     data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps(RECORDS[k % 2]) + "\n" for k in range(8)))
-    prepared, log = prepare(data, tmp_path / "cache", num_proc=2)
-    assert len(prepared.dataset) == 8 and any("with 2 process(es)" in line for line in log)
-    assert trims == [0]  # once, before the freeze
-    assert gc.get_freeze_count() == 0  # unfrozen after
-    monkeypatch.setattr(dataset_module, "_encode_batch", real)
-    prepare(data, tmp_path / "cache1", num_proc=1)
-    assert trims == [0]
+    data.write_text("".join(json.dumps(RECORDS[k % 3]) + "\n" for k in range(12)))
+    two, log = prepare(data, tmp_path / "cache", num_proc=2)
+    assert any("with 2 process(es)" in line for line in log)
+    assert methods == ["forkserver"]
+    assert multiprocess.get_start_method(allow_none=True) == before
+    assert forkserver._forkserver._forkserver_pid is None  # stopped
+    one, _ = prepare(data, tmp_path / "cache1", num_proc=1)
+    assert methods == ["forkserver", before]
+    columns = ["input_ids", "labels", "record"]
+    assert (
+        len(two.dataset) == 8
+        and two.dataset.select_columns(columns)[:] == one.dataset.select_columns(columns)[:]
+    )
+    assert [(p.line, p.field) for p in two.problems] == [(p.line, p.field) for p in one.problems]
+
+
+def test_lean_workers_have_not_imported_what_this_process_has(tmp_path, monkeypatch):
+    """They import chatft from wherever the command runs (the server does not get sys.path)."""
+    import os
+
+    import multiprocess
+    import torch  # noqa: F401  (held by this process, as by finetune.py)
+
+    monkeypatch.chdir(tmp_path)
+
+    with dataset_module._workers_from_a_lean_process(2), multiprocess.Pool(1) as pool:
+        assert pool.apply(os.getppid) != os.getpid()
+        assert pool.apply(eval, ("'torch' in __import__('sys').modules",)) is False
+        assert pool.apply(eval, ("'chatft.data.dataset' in __import__('sys').modules",)) is True  # preloaded
 
 
 def test_cached_path_encodes_rows_as_int32_arrays_equal_to_the_lists():

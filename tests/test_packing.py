@@ -460,3 +460,41 @@ def test_packed_attention_on_a_gpu_is_flash_varlen_or_masked_sdpa(monkeypatch):
     assert packed_attention(model, "eager", said.append, cuda=True) == "eager"
     assert packed_attention(model, "sdpa", said.append, cuda=False) == PACKED_SDPA
     assert model.config._attn_implementation == PACKED_SDPA
+
+
+def test_cpu_rows_get_one_shape_when_nearly_full_else_multiples_of_64():
+    from chatft.training.step_plan import cpu_row_padding
+
+    assert cpu_row_padding(930, 2, 512)[0] == 512  # 90.8% full: the longest row, one shape
+    multiple, why = cpu_row_padding(745, 2, 512)  # 72.8% full: one shape would be 27% padding
+    assert multiple == 64 and "at most 8 shapes" in why and "27% padding" in why
+    assert cpu_row_padding(10, 2, 60)[0] == 60  # rows no longer than a step: one shape
+    assert cpu_row_padding(0, 0, 1)[0] == 1
+
+
+def test_sparse_rows_on_the_cpu_are_padded_to_multiples_of_64(tmp_path, capsys, monkeypatch):
+    """Examples too long for two to share a row: each row padded to a multiple of 64, not to the longest."""
+    import chatft.training.sft
+
+    collators = []
+    real = chatft.training.sft.ChatTrainer
+
+    def trainer(*args, **kwargs):
+        collators.append(kwargs["data_collator"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(chatft.training.sft, "ChatTrainer", trainer)
+    save_tiny_model(tmp_path / "model")
+    data = tmp_path / "long.jsonl"
+    data.write_text(openai_jsonl([[("user", "hi"), ("assistant", "hello " * n)] for n in (30, 35, 60)]))
+    argv = [
+        "--model_name_or_path", str(tmp_path / "model"), "--train_file", str(data), "--output_dir",
+        str(tmp_path / "out"), "--method", "lora", "--max_steps", "1", "--max_seq_length", "140",
+        "--report_to", "none", "--save_strategy", "no", "--precision", "fp32",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "3 examples into 3 rows" in out
+    assert re.search(r"rows padded to a multiple of 64 tokens on the CPU \(at most 3 shapes\): padded to the "
+                     r"longest row \(13\d\) they would be 2\d% padding", out)  # fmt: skip
+    assert collators[0].pad_to_multiple_of == 64

@@ -24,7 +24,13 @@ from chatft.training.flow import (
 )
 from chatft.training.process import add_process_callbacks, start_process
 from chatft.training.samples import add_sample_answers, base_model, generation_eval_for, read_sample_prompts
-from chatft.training.step_plan import packed_step, plan_micro_batches, resolve_packing, schedule_evaluation
+from chatft.training.step_plan import (
+    cpu_row_padding,
+    packed_step,
+    plan_micro_batches,
+    resolve_packing,
+    schedule_evaluation,
+)
 from chatft.training.stream import (
     StreamError,
     add_stream_state,
@@ -95,12 +101,13 @@ def run_sft(argv: list[str] | None) -> int:
         attn = packed_attention(model, own, log, torch.cuda.is_available() and not training_args.use_cpu)
         collator = PackedCollator.for_backend(tokenizer.pad_token_id, attn)
         if training_args.device.type == "cpu":
-            longest = data_args.max_seq_length if data_args.streaming else train_set.longest_row
-            collator.pad_to_multiple_of = longest
-            log(
-                f"packing: rows padded to {longest} tokens (the longest row) on the CPU: one shape "
-                "for every forward, where each new shape costs oneDNN kernels and memory of its own"
-            )
+            if data_args.streaming:  # rows not known ahead: one shape
+                width = data_args.max_seq_length
+                shape = cpu_row_padding(width, 1, width)
+            else:
+                shape = cpu_row_padding(sum(train_set.lengths), train_set.packed_rows, train_set.longest_row)
+            collator.pad_to_multiple_of, why = shape
+            log(f"packing: {why}")
     else:
         collator = PadCollator(tokenizer.pad_token_id)
     trainer = ChatTrainer(

@@ -44,6 +44,29 @@ def packed_step(packed: PackedDataset, data_args: DataArguments, training_args, 
     )
 
 
+# On the CPU packed rows are padded to few shapes: each new shape costs oneDNN kernels and memory of its own
+# (bench/RESULTS.md, how the memory came under the peer's). One shape, the longest row, while rows are nearly full;
+# where padding to it would be more than a tenth of the tokens (examples so long that a row holds little more than
+# one: AdvertiseGen's rows were 73% full, and one shape cost a fifth of the speed), multiples of SHAPE_STEP tokens.
+FULL_ROWS = 0.9
+SHAPE_STEP = 64
+
+
+def cpu_row_padding(tokens: int, rows: int, longest: int) -> tuple[int, str]:
+    """What packed rows are padded to a multiple of on the CPU, and why (for the log): tokens over rows rows whose
+    longest holds `longest` tokens."""
+    fill = tokens / (rows * longest) if rows else 1.0
+    if fill >= FULL_ROWS or longest <= SHAPE_STEP:
+        return longest, (
+            f"rows padded to {longest} tokens (the longest row) on the CPU: one shape for every forward, where each "
+            "new shape costs oneDNN kernels and memory of its own"
+        )
+    return SHAPE_STEP, (
+        f"rows padded to a multiple of {SHAPE_STEP} tokens on the CPU (at most {-(-longest // SHAPE_STEP)} shapes): "
+        f"padded to the longest row ({longest}) they would be {100 * (1 - fill):.0f}% padding"
+    )
+
+
 def plan_micro_batches(model_args: ModelArguments, data_args: DataArguments, training_args, log) -> None:
     """A step of per_device_train_batch_size rows as micro-batches (chatft.machine.plan_step): the Trainer gets
     the micro-batch as its batch and the rest as more accumulation; checkpointing where it is left to chatft.

@@ -287,10 +287,10 @@ def _workers_from_a_lean_process(workers: int) -> Iterator[None]:
     """With worker processes: start them (and datasets' progress-queue manager) from multiprocess's fork server, a
     fresh interpreter that has imported only this module and the main script (as spawned processes do: its
     top-level code runs there, so scripts calling this keep theirs under `if __name__ == "__main__"`), not from
-    this process, and stop it after. Forked from
-    here, each of them counted this process's pages (torch, transformers' model code: ~450 MB in finetune.py) as
-    its own resident memory: a million records on two workers peaked at ~2 GB of RSS summed over the processes
-    for ~0.8 GB of PSS, and a worker's garbage collector copied the pages it walked. One process: nothing."""
+    this process, and stop it after. Forked from here, each of them counted this process's pages (torch,
+    transformers' model code: ~450 MB in finetune.py) as its own resident memory: a million records on two workers
+    peaked at ~2 GB of RSS summed over the processes for ~0.8 GB of PSS, and a worker's garbage collector copied
+    the pages it walked. One process: nothing."""
     main_file = getattr(sys.modules["__main__"], "__file__", None)  # each process started re-imports it
     if workers < 2 or (main_file is not None and not os.path.isfile(main_file)):  # python - <script
         yield

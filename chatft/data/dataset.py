@@ -54,12 +54,7 @@ from chatft.data.cache import (
     tokenizer_files,
 )
 from chatft.data.files import _json_message, expand_paths
-from chatft.data.raw import (
-    RawData,
-    read_raw,
-    release_dataset_pages,
-    release_mapped_pages,
-)
+from chatft.data.raw import RawData, read_raw, release_dataset_pages, release_mapped_pages
 from chatft.data.readers import parse_record
 from chatft.data.schema import Conversation, Problem, RecordError
 from chatft.data.stats import NOTES_SHOWN, DataStats, PreparedData, sanity_check_lines

@@ -10,16 +10,12 @@ whole by files.py, which locates every broken element (files.py: only those are 
 Each file's format is detected (or given) from its first JSON object before its rows are written; a file whose
 format cannot be detected writes no rows and gives one Problem (its records counted as read, none valid), as
 formats.load_file does for records held in memory.
-
-Memory given back to the system: the pages of memory-mapped Arrow files a process has read
-(release_mapped_pages) and glibc's freed heap (glibc_malloc_trim).
 """
 
 from __future__ import annotations
 
 import io
 import json
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,20 +122,6 @@ def release_mapped_pages(path: str | Path | None = None) -> int:
         if madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), madvise_dontneed) == 0:
             released += 1
     return released
-
-
-def glibc_malloc_trim() -> Callable[[], object] | None:
-    """glibc's malloc_trim(0) (every arena's free pages back to the system), or None where there is no glibc."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
-        return None
-    return lambda: trim(0)
 
 
 def release_dataset_pages(dataset: datasets.Dataset) -> None:

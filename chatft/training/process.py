@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from transformers import Trainer, TrainerCallback
 
-from chatft.data.raw import glibc_malloc_trim, release_mapped_pages
+from chatft.data.raw import release_mapped_pages
 from chatft.threads import ThreadGovernor, this_process_budget
 
 
@@ -38,6 +38,20 @@ def start_process(training_args) -> Callable[[str], None]:
     if training_args.device.type == "cpu":
         training_args.dataloader_pin_memory = False
     return print if training_args.process_index == 0 else (lambda _msg: None)
+
+
+def glibc_malloc_trim() -> Callable[[], object] | None:
+    """glibc's malloc_trim(0) (every arena's free pages back to the system), or None where there is no glibc."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    return lambda: trim(0)
 
 
 class ReleaseFreedMemory(TrainerCallback):

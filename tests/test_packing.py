@@ -414,26 +414,54 @@ def test_ptuning_falls_back_to_padding_and_says_so_once(toy_run, tmp_path, capsy
     assert "activation checkpointing: off" in out
 
 
-def test_on_the_cpu_rows_get_one_shape_and_freed_memory_goes_back_after_every_micro_batch(
+def test_on_the_cpu_rows_get_one_shape_and_freed_memory_goes_back_when_the_heap_grows(
     toy_run, tmp_path, capsys, monkeypatch
 ):
     import chatft.training.process
 
     trims, releases = [], []
+    resident = iter([100, 105, 120, 118, 200])  # after each of the 2 x 2 micro-batches, then spare
     monkeypatch.setattr(chatft.training.process, "glibc_malloc_trim", lambda: lambda: trims.append(1))
+    monkeypatch.setattr(chatft.training.process, "resident_bytes", lambda: next(resident))
     monkeypatch.setattr(chatft.training.process, "release_mapped_pages", lambda: releases.append(1))
     monkeypatch.setattr(chatft.training.process.ReleaseDataPages, "every", 0.0)
     two_rows = ["--micro_batch_size", "1", "--packed_batch_unit", "rows"]
     history = toy_run(tmp_path / "a", "--method", "lora", "--max_steps", "2", *two_rows)
     out = capsys.readouterr().out
-    assert "rows padded to" in out and "freed memory goes back to the system" in out
+    assert "rows padded to" in out and "freed memory goes back to the system when the process grows" in out
     assert re.search(r"training starts [0-9.]+ s after the process started", out)
     assert len([e for e in history if "loss" in e]) == 2
-    assert len(trims) == 2 * 2  # two steps of two micro-batches each
+    # at the start, then once: 120 is more than 10% past the 100 the first micro-batch needed
+    assert len(trims) == 1 + 1
+    assert "freed memory handed back after 1 of 4 micro-batches" in out
     assert len(releases) == 2  # the data's mapped pages: after each step, at most every `every` seconds
     trims.clear()
     toy_run(tmp_path / "b", "--method", "lora", "--max_steps", "2", "--malloc_trim", "False")
     assert not trims and "freed memory goes back" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("readings", "trimmed"),
+    [
+        ([100, 105, 109, 110], []),  # within 10% of the first micro-batch's need: never
+        ([100, 111, 104, 108], [2]),  # grown: trimmed; the next one, from a trimmed heap, measures again
+        ([100, 120, 130, 140, 150], [2, 5]),  # a larger need, measured after a trim, raises the bar to 143
+        ([100, 120, 80, 95], [2]),  # a smaller reading after a trim keeps the need at 100 (95 is no growth)
+        ([100, None, 100, None], [2, 4]),  # no reading: trimmed
+    ],
+)
+def test_freed_memory_goes_back_only_when_the_heap_grew_past_the_need(readings, trimmed):
+    from chatft.training.process import ReleaseFreedMemory
+
+    trims = []
+    it = iter(readings)
+    policy = ReleaseFreedMemory(
+        lambda: trims.append(policy.checks), log=lambda _m: None, resident=lambda: next(it)
+    )
+    policy.on_train_begin(None, None, None)
+    for _ in readings:
+        policy.after_micro_batch()
+    assert trims == [0, *trimmed]  # (at which micro-batch) the first trim is at the start of training
 
 
 def test_malloc_threshold_is_left_alone_unless_asked(monkeypatch):

@@ -54,17 +54,64 @@ def glibc_malloc_trim() -> Callable[[], object] | None:
     return lambda: trim(0)
 
 
-class ReleaseFreedMemory(TrainerCallback):
-    """--malloc_trim: after every micro-batch (and optimizer step), the freed memory goes back to the system."""
+def resident_bytes() -> int | None:
+    """This process's resident memory (RSS) in bytes, from /proc/self/statm; None where there is none."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
 
-    def __init__(self, trim: Callable[[], object]) -> None:
+
+class ReleaseFreedMemory(TrainerCallback):
+    """--malloc_trim: after a micro-batch (or optimizer step), the memory freed into glibc's heap goes back to the
+    system once the process has grown more than `slack` past what a micro-batch was seen to need.
+
+    Trimming after every micro-batch kept the heap from filling with the freed activations of varying shapes, but
+    each trim costs the next micro-batch the page faults of touching that memory again. So the need is measured
+    instead: at the end of a micro-batch that started from a trimmed heap, the resident memory is what one
+    micro-batch takes (the largest such reading is kept); a later reading above it by more than `slack` is growth
+    of the heap, and is trimmed. Where the resident memory cannot be read, every micro-batch is trimmed."""
+
+    slack = 0.10
+
+    def __init__(
+        self,
+        trim: Callable[[], object],
+        log: Callable[[str], None] = print,
+        resident: Callable[[], int | None] | None = None,
+    ) -> None:
         self.trim = trim
+        self.log = log
+        self.resident = resident or resident_bytes
+        self.need = 0
+        self.fresh = True  # the micro-batch now running started from a trimmed heap
+        self.trims = 0
+        self.checks = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trim()  # what loading left behind, so the first micro-batch measures itself
+        self.fresh = True
 
     def on_substep_end(self, args, state, control, **kwargs):
-        self.trim()
+        self.after_micro_batch()
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.trim()
+        self.after_micro_batch()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        need = f" (a micro-batch needs {self.need / 2**30:.2f} GiB resident)" if self.need else ""
+        self.log(f"memory: freed memory handed back after {self.trims} of {self.checks} micro-batches{need}")
+
+    def after_micro_batch(self) -> None:
+        self.checks += 1
+        now = self.resident()
+        if now is not None and self.fresh:
+            self.need = max(self.need, now)
+        self.fresh = now is None or now > self.need * (1 + self.slack)
+        if self.fresh:
+            self.trim()
+            self.trims += 1
 
 
 def release_memory(trainer: Trainer, training_args, log: Callable[[str], None]) -> None:
@@ -74,8 +121,11 @@ def release_memory(trainer: Trainer, training_args, log: Callable[[str], None]) 
         wanted = training_args.device.type == "cpu"
     trim = glibc_malloc_trim() if wanted else None
     if trim is not None:
-        trainer.add_callback(ReleaseFreedMemory(trim))
-        log("memory: freed memory goes back to the system after every micro-batch (--malloc_trim)")
+        trainer.add_callback(ReleaseFreedMemory(trim, log))
+        log(
+            "memory: freed memory goes back to the system when the process grows more than "
+            f"{ReleaseFreedMemory.slack:.0%} past what a micro-batch needs (--malloc_trim)"
+        )
 
 
 class FollowMachineLoad(TrainerCallback):

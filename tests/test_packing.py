@@ -420,9 +420,11 @@ def test_on_the_cpu_rows_get_one_shape_and_freed_memory_goes_back_when_the_heap_
     import chatft.training.process
 
     trims, releases = [], []
-    resident = iter([100, 105, 120, 118, 200])  # after each of the 2 x 2 micro-batches, then spare
+    peaks = iter(
+        [900, 100, 105, 120, 118, 200]
+    )  # loading's, then after each of the 2 x 2 micro-batches, spare
     monkeypatch.setattr(chatft.training.process, "glibc_malloc_trim", lambda: lambda: trims.append(1))
-    monkeypatch.setattr(chatft.training.process, "resident_bytes", lambda: next(resident))
+    monkeypatch.setattr(chatft.training.process, "resident_peak_bytes", lambda: next(peaks))
     monkeypatch.setattr(chatft.training.process, "release_mapped_pages", lambda: releases.append(1))
     monkeypatch.setattr(chatft.training.process.ReleaseDataPages, "every", 0.0)
     two_rows = ["--micro_batch_size", "1", "--packed_batch_unit", "rows"]
@@ -450,11 +452,11 @@ def test_on_the_cpu_rows_get_one_shape_and_freed_memory_goes_back_when_the_heap_
         ([100, None, 100, None], [2, 4]),  # no reading: trimmed
     ],
 )
-def test_freed_memory_goes_back_only_when_the_heap_grew_past_the_need(readings, trimmed):
+def test_freed_memory_goes_back_only_when_a_micro_batch_peaked_past_the_need(readings, trimmed):
     from chatft.training.process import ReleaseFreedMemory
 
     trims = []
-    it = iter(readings)
+    it = iter([900, *readings])  # the first, at the start of training, is the peak of loading the model
     policy = ReleaseFreedMemory(
         lambda: trims.append(policy.checks), log=lambda _m: None, resident=lambda: next(it)
     )
@@ -462,6 +464,17 @@ def test_freed_memory_goes_back_only_when_the_heap_grew_past_the_need(readings, 
     for _ in readings:
         policy.after_micro_batch()
     assert trims == [0, *trimmed]  # (at which micro-batch) the first trim is at the start of training
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux only")
+def test_the_resident_peak_is_read_since_the_last_reading():
+    from chatft.training.process import resident_peak_bytes
+
+    resident_peak_bytes()
+    block = np.ones(64 * 2**20, dtype=np.uint8)  # 64 MiB touched, then freed (glibc gives big blocks back)
+    del block
+    first, second = resident_peak_bytes(), resident_peak_bytes()
+    assert first - second > 48 * 2**20  # the first saw the block at its peak; the second starts after it
 
 
 def test_malloc_threshold_is_left_alone_unless_asked(monkeypatch):

@@ -5,7 +5,8 @@ Defaults that differ from transformers' TrainingArguments (everything else is th
   hold only what the model takes), report_to none unless asked.
 - prediction_loss_only True: evaluation computes the loss only (no logits gathered over the eval set).
 - Added: malloc_mmap_threshold (off by default; 1048576 trades 26-41% of the CPU speed for 0.4-0.7x the peak RSS),
-  malloc_trim (auto: on for CPU training; the memory freed by a micro-batch goes back to the system).
+  malloc_trim (auto: on for CPU training; freed memory goes back to the system when the heap grows more than
+  10% past what a micro-batch needs).
 - Added: chunked_loss True / loss_chunk_size (chatft.loss: the loss at trained positions only, LM head in
   chunks), group_by_length True (padded batches only: examples of similar length batched together).
 - Added: precision auto (bf16 autocast where the machine has bf16 instructions, chatft.machine), micro_batch_size
@@ -16,7 +17,8 @@ Defaults that differ from transformers' TrainingArguments (everything else is th
   With packing, per_device_train_batch_size still counts examples (--packed_batch_unit examples): a step's
   examples are turned into whole packed rows of up to max_seq_length tokens (packed_step); the log shows
   examples_per_step, tokens_per_step and trained_tokens_per_step so that packed and padded runs compare. On the
-  CPU every row is padded to the longest row's length (one shape for oneDNN; the padding is a segment of its own).
+  CPU every row is padded to the longest row's length (one shape for oneDNN; the padding is a segment of its own),
+  or to a multiple of 64 tokens where one shape would be more than a tenth padding (step_plan.cpu_row_padding).
 Why these defaults: bench/RESULTS.md (measured on this project's CPU).
 """
 
@@ -86,10 +88,11 @@ class TrainArguments(Seq2SeqTrainingArguments):
     malloc_trim: bool | None = field(
         default=None,
         metadata={
-            "help": "Linux (glibc): hand the memory freed by each micro-batch back to the system (malloc_trim) "
-            "before the next, so the activations of varying shapes do not pile up in a fragmented heap. Unset "
-            "(auto): on when training on the CPU, where it took the peak RSS of a LoRA epoch to 0.7x for ~1.2x "
-            "the time (bench/RESULTS.md); off on a GPU."
+            "help": "Linux (glibc): hand freed memory back to the system (malloc_trim) after a micro-batch once "
+            "the process has grown more than 10%% past what a micro-batch needs (measured after a trim), so the "
+            "activations of varying shapes do not pile up in a fragmented heap; trimming after every micro-batch "
+            "would cost each the page faults of touching that memory again. Unset (auto): on when training on the "
+            "CPU; off on a GPU (bench/RESULTS.md)."
         },
     )
     sample_prompts: str | None = field(

@@ -1,5 +1,5 @@
 """What every training process sets up: glibc's memory behaviour (the mmap threshold; freed memory handed back
-after every micro-batch), the memory-mapped data's pages released as training reads on, torch's threads fitted to
+when the heap grows past what a micro-batch needs), the memory-mapped data's pages released as training reads on, torch's threads fitted to
 the machine's load (chatft.threads), no pinned memory on the CPU, and the log (the main process prints, the others
 not)."""
 
@@ -54,12 +54,21 @@ def glibc_malloc_trim() -> Callable[[], object] | None:
     return lambda: trim(0)
 
 
-def resident_bytes() -> int | None:
-    """This process's resident memory (RSS) in bytes, from /proc/self/statm; None where there is none."""
+def resident_peak_bytes() -> int | None:
+    """This process's peak resident memory (VmHWM) since the last call, in bytes: read from /proc/self/status, then
+    reset to the current RSS (/proc/self/clear_refs, Linux 4.0+). The current RSS where the peak cannot be reset;
+    None where neither can be read."""
     try:
-        with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError, AttributeError):
+        with open("/proc/self/status", "rb") as f:
+            fields = dict(line.split(b":", 1) for line in f.read().splitlines() if b":" in line)
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            kb = fields[b"VmHWM"]
+        except OSError:
+            kb = fields[b"VmRSS"]
+        return int(kb.split()[0]) * 1024
+    except (OSError, KeyError, ValueError, IndexError):
         return None
 
 
@@ -69,9 +78,9 @@ class ReleaseFreedMemory(TrainerCallback):
 
     Trimming after every micro-batch kept the heap from filling with the freed activations of varying shapes, but
     each trim costs the next micro-batch the page faults of touching that memory again. So the need is measured
-    instead: at the end of a micro-batch that started from a trimmed heap, the resident memory is what one
-    micro-batch takes (the largest such reading is kept); a later reading above it by more than `slack` is growth
-    of the heap, and is trimmed. Where the resident memory cannot be read, every micro-batch is trimmed."""
+    instead: the peak resident memory of a micro-batch that started from a trimmed heap is what one micro-batch
+    takes (the largest such reading is kept); a later micro-batch whose peak is above it by more than `slack` has
+    grown the heap, and is trimmed. Where the resident memory cannot be read, every micro-batch is trimmed."""
 
     slack = 0.10
 
@@ -83,14 +92,15 @@ class ReleaseFreedMemory(TrainerCallback):
     ) -> None:
         self.trim = trim
         self.log = log
-        self.resident = resident or resident_bytes
+        self.resident = resident or resident_peak_bytes
         self.need = 0
         self.fresh = True  # the micro-batch now running started from a trimmed heap
         self.trims = 0
         self.checks = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.trim()  # what loading left behind, so the first micro-batch measures itself
+        self.trim()  # what loading left behind, so that the first micro-batch measures itself
+        self.resident()  # (and the peak of loading is not its peak)
         self.fresh = True
 
     def on_substep_end(self, args, state, control, **kwargs):

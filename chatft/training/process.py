@@ -99,9 +99,7 @@ class ReleaseFreedMemory(TrainerCallback):
         self.checks = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.trim()  # what loading left behind, so that the first micro-batch measures itself
-        self.resident()  # (and the peak of loading is not its peak)
-        self.fresh = True
+        self.hand_back()  # what loading left behind, so that the first micro-batch measures itself
 
     def on_substep_end(self, args, state, control, **kwargs):
         self.after_micro_batch()
@@ -115,13 +113,20 @@ class ReleaseFreedMemory(TrainerCallback):
 
     def after_micro_batch(self) -> None:
         self.checks += 1
-        now = self.resident()
-        if now is not None and self.fresh:
-            self.need = max(self.need, now)
-        self.fresh = now is None or now > self.need * (1 + self.slack)
-        if self.fresh:
-            self.trim()
+        peak = self.resident()
+        if peak is not None and self.fresh:
+            self.need = max(self.need, peak)
+        if peak is None or peak > self.need * (1 + self.slack):
+            self.hand_back()
             self.trims += 1
+        else:
+            self.fresh = False
+
+    def hand_back(self) -> None:
+        """Trim, then start the next peak from the trimmed heap (a reading resets it)."""
+        self.trim()
+        self.resident()
+        self.fresh = True
 
 
 def release_memory(trainer: Trainer, training_args, log: Callable[[str], None]) -> None:

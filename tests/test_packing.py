@@ -420,11 +420,9 @@ def test_on_the_cpu_rows_get_one_shape_and_freed_memory_goes_back_when_the_heap_
     import chatft.training.process
 
     trims, releases = [], []
-    # the peak of the start (reset after the trim there), then after each of the 2 x 2 micro-batches; the 0 is
-    # the reset after the trim at 120
-    peaks = iter([900, 100, 105, 120, 0, 118])
+    resident = iter([100, 105, 120, 118])  # at the end of each of the 2 x 2 micro-batches
     monkeypatch.setattr(chatft.training.process, "glibc_malloc_trim", lambda: lambda: trims.append(1))
-    monkeypatch.setattr(chatft.training.process, "resident_peak_bytes", lambda: next(peaks))
+    monkeypatch.setattr(chatft.training.process, "resident_bytes", lambda: next(resident))
     monkeypatch.setattr(chatft.training.process, "release_mapped_pages", lambda: releases.append(1))
     monkeypatch.setattr(chatft.training.process.ReleaseDataPages, "every", 0.0)
     two_rows = ["--micro_batch_size", "1", "--packed_batch_unit", "rows"]
@@ -452,16 +450,14 @@ def test_on_the_cpu_rows_get_one_shape_and_freed_memory_goes_back_when_the_heap_
         ([100, None, 100, None], [2, 4]),  # no reading: trimmed
     ],
 )
-def test_freed_memory_goes_back_only_when_a_micro_batch_peaked_past_the_need(readings, trimmed):
+def test_freed_memory_goes_back_only_when_the_heap_grew_past_the_need(readings, trimmed):
     from chatft.training.process import ReleaseFreedMemory
 
     trims = []
     policy = ReleaseFreedMemory(
         lambda: trims.append(policy.checks),
         log=lambda _m: None,
-        # the peak since the last reading: that of micro-batch `checks`; a reading right after a trim (which the
-        # policy makes to reset the peak) reads the same again and must not count
-        resident=lambda: readings[policy.checks - 1] if policy.checks else 900,
+        resident=lambda: readings[policy.checks - 1],  # at the end of micro-batch `checks`
     )
     policy.on_train_begin(None, None, None)
     for _ in readings:
@@ -469,36 +465,14 @@ def test_freed_memory_goes_back_only_when_a_micro_batch_peaked_past_the_need(rea
     assert trims == [0, *trimmed]  # (at which micro-batch) the first trim is at the start of training
 
 
-def test_the_need_is_measured_from_the_trimmed_heap_not_from_the_heap_before_the_trim():
-    from chatft.training.process import ReleaseFreedMemory
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="Linux only")
+def test_the_resident_memory_is_read():
+    from chatft.training.process import resident_bytes
 
-    heap = {"rss": 300, "peak": 300}  # after loading the model
-
-    def trim():
-        heap["rss"] = 50
-
-    def read_peak():  # VmHWM, then reset to the current RSS
-        peak, heap["peak"] = heap["peak"], heap["rss"]
-        return peak
-
-    policy = ReleaseFreedMemory(trim, log=lambda _m: None, resident=read_peak)
-    policy.on_train_begin(None, None, None)
-    for peak in (100, 130, 100, 104):  # a fresh micro-batch peaks at 100; the second grew the heap to 130
-        heap["peak"] = max(heap["peak"], peak)
-        heap["rss"] = peak  # the heap keeps what the micro-batch freed
-        policy.after_micro_batch()
-    assert policy.need == 100 and policy.trims == 1  # not 130: the peak after the trim starts from 50
-
-
-@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux only")
-def test_the_resident_peak_is_read_since_the_last_reading():
-    from chatft.training.process import resident_peak_bytes
-
-    resident_peak_bytes()
-    block = np.ones(64 * 2**20, dtype=np.uint8)  # 64 MiB touched, then freed (glibc gives big blocks back)
+    before = resident_bytes()
+    block = np.ones(64 * 2**20, dtype=np.uint8)  # 64 MiB, touched
+    assert resident_bytes() - before > 48 * 2**20
     del block
-    first, second = resident_peak_bytes(), resident_peak_bytes()
-    assert first - second > 48 * 2**20  # the first saw the block at its peak; the second starts after it
 
 
 def test_malloc_threshold_is_left_alone_unless_asked(monkeypatch):

@@ -54,21 +54,14 @@ def glibc_malloc_trim() -> Callable[[], object] | None:
     return lambda: trim(0)
 
 
-def resident_peak_bytes() -> int | None:
-    """This process's peak resident memory (VmHWM) since the last call, in bytes: read from /proc/self/status, then
-    reset to the current RSS (/proc/self/clear_refs, Linux 4.0+). The current RSS where the peak cannot be reset;
-    None where neither can be read."""
+def resident_bytes() -> int | None:
+    """This process's resident memory (RSS) in bytes, from /proc/self/statm; None where there is none. (Not the
+    peak, VmHWM: resetting it through /proc/self/clear_refs would also reset the peak that wait4 and GNU time
+    report for the process.)"""
     try:
-        with open("/proc/self/status", "rb") as f:
-            fields = dict(line.split(b":", 1) for line in f.read().splitlines() if b":" in line)
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            kb = fields[b"VmHWM"]
-        except OSError:
-            kb = fields[b"VmRSS"]
-        return int(kb.split()[0]) * 1024
-    except (OSError, KeyError, ValueError, IndexError):
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
         return None
 
 
@@ -78,9 +71,9 @@ class ReleaseFreedMemory(TrainerCallback):
 
     Trimming after every micro-batch kept the heap from filling with the freed activations of varying shapes, but
     each trim costs the next micro-batch the page faults of touching that memory again. So the need is measured
-    instead: the peak resident memory of a micro-batch that started from a trimmed heap is what one micro-batch
-    takes (the largest such reading is kept); a later micro-batch whose peak is above it by more than `slack` has
-    grown the heap, and is trimmed. Where the resident memory cannot be read, every micro-batch is trimmed."""
+    instead: the resident memory at the end of a micro-batch that started from a trimmed heap is what one
+    micro-batch takes (the largest such reading is kept); a later reading above it by more than `slack` is growth
+    of the heap, and is trimmed. Where the resident memory cannot be read, every micro-batch is trimmed."""
 
     slack = 0.10
 
@@ -92,7 +85,7 @@ class ReleaseFreedMemory(TrainerCallback):
     ) -> None:
         self.trim = trim
         self.log = log
-        self.resident = resident or resident_peak_bytes
+        self.resident = resident or resident_bytes
         self.need = 0
         self.fresh = True  # the micro-batch now running started from a trimmed heap
         self.trims = 0
@@ -123,9 +116,7 @@ class ReleaseFreedMemory(TrainerCallback):
             self.fresh = False
 
     def hand_back(self) -> None:
-        """Trim, then start the next peak from the trimmed heap (a reading resets it)."""
         self.trim()
-        self.resident()
         self.fresh = True
 
 

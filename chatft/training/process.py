@@ -1,7 +1,7 @@
 """What every training process sets up: glibc's memory behaviour (the mmap threshold; freed memory handed back
-when the heap grows past what a micro-batch needs), the memory-mapped data's pages released as training reads on, torch's threads fitted to
-the machine's load (chatft.threads), no pinned memory on the CPU, and the log (the main process prints, the others
-not)."""
+when the heap grows past what a micro-batch needs), the memory-mapped data's pages released as training reads on,
+torch's threads fitted to the machine's load (chatft.threads), no pinned memory on the CPU, and the log (the main
+process prints, the others not)."""
 
 from __future__ import annotations
 
@@ -106,10 +106,10 @@ class ReleaseFreedMemory(TrainerCallback):
 
     def after_micro_batch(self) -> None:
         self.checks += 1
-        peak = self.resident()
-        if peak is not None and self.fresh:
-            self.need = max(self.need, peak)
-        if peak is None or peak > self.need * (1 + self.slack):
+        now = self.resident()
+        if now is not None and self.fresh:
+            self.need = max(self.need, now)
+        if now is None or now > self.need * (1 + self.slack):
             self.hand_back()
             self.trims += 1
         else:

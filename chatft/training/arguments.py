@@ -89,10 +89,8 @@ class TrainArguments(Seq2SeqTrainingArguments):
         default=None,
         metadata={
             "help": "Linux (glibc): hand freed memory back to the system (malloc_trim) after a micro-batch once "
-            "the process has grown more than 10%% past what a micro-batch needs (measured after a trim), so the "
-            "activations of varying shapes do not pile up in a fragmented heap; trimming after every micro-batch "
-            "would cost each the page faults of touching that memory again. Unset (auto): on when training on the "
-            "CPU; off on a GPU (bench/RESULTS.md)."
+            "the process has grown more than 10%% past what a micro-batch needs. Unset (auto): on when training "
+            "on the CPU, off on a GPU."
         },
     )
     sample_prompts: str | None = field(

@@ -315,7 +315,13 @@ def packed_sdpa_attention_forward(
 
 def _example_attention(q, k, v, dropout: float, scaling, groups: int, window: int | None) -> torch.Tensor:
     """Causal attention of one example: sdpa's causal fast path, or an explicit mask where the example is longer
-    than the sliding window."""
+    than the sliding window. On the CPU a bf16/fp16 example runs in fp32 (out of autocast): torch's bf16 CPU
+    kernel keeps code and buffers for every sequence length it has seen (an AdvertiseGen run, whose examples have
+    hundreds of lengths, grew by 0.9 GiB and its steps slowed by a quarter over 200 steps), and it is slower
+    than fp32 at every length (bench/RESULTS.md)."""
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast("cpu", enabled=False):
+            return _example_attention(q.float(), k.float(), v.float(), dropout, scaling, groups, window).to(q.dtype)
     n = q.shape[2]
     if window is None or n <= window:
         return torch.nn.functional.scaled_dot_product_attention(

@@ -7,7 +7,7 @@ import torch
 from toy import tiny_llama
 from transformers import LlamaForCausalLM
 
-from chatft.loss import causal_lm_loss, chunked_cross_entropy, unsupported_reason
+from chatft.loss import causal_lm_loss, chunked_cross_entropy, pad_rows, unsupported_reason
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 
@@ -137,3 +137,12 @@ def test_models_that_post_process_logits_are_refused():
     model = tiny()
     model.config.final_logit_softcapping = 30.0
     assert "final_logit_softcapping" in unsupported_reason(model)
+
+
+def test_trained_rows_are_padded_to_few_shapes():
+    """The head sees a multiple of ROW_STEP rows (oneDNN keeps kernels per shape on the CPU); the pad rows are
+    zeros with ignored targets, and the mean still divides by the real trained tokens (the batch above has 17)."""
+    hidden, targets = pad_rows(torch.ones(3, 2), torch.tensor([5, 6, 7]), 4)
+    assert hidden.tolist() == [[1, 1], [1, 1], [1, 1], [0, 0]] and targets.tolist() == [5, 6, 7, X]
+    same = torch.ones(4, 2)
+    assert pad_rows(same, torch.zeros(4), 4)[0] is same

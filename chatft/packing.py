@@ -321,7 +321,8 @@ def _example_attention(q, k, v, dropout: float, scaling, groups: int, window: in
     than fp32 at every length (bench/RESULTS.md)."""
     if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
         with torch.autocast("cpu", enabled=False):
-            return _example_attention(q.float(), k.float(), v.float(), dropout, scaling, groups, window).to(q.dtype)
+            out = _example_attention(q.float(), k.float(), v.float(), dropout, scaling, groups, window)
+        return out.to(q.dtype)
     n = q.shape[2]
     if window is None or n <= window:
         return torch.nn.functional.scaled_dot_product_attention(

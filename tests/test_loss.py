@@ -141,7 +141,8 @@ def test_models_that_post_process_logits_are_refused():
 
 def test_trained_rows_are_padded_to_few_shapes():
     """The head sees a multiple of ROW_STEP rows (oneDNN keeps kernels per shape on the CPU); the pad rows are
-    zeros with ignored targets, and the mean still divides by the real trained tokens (the batch above has 17)."""
+    zeros with ignored targets. That the mean still divides by the real trained tokens is what the loss-equality
+    tests above hold."""
     hidden, targets = pad_rows(torch.ones(3, 2), torch.tensor([5, 6, 7]), 4)
     assert hidden.tolist() == [[1, 1], [1, 1], [1, 1], [0, 0]] and targets.tolist() == [5, 6, 7, X]
     same = torch.ones(4, 2)

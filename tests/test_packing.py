@@ -540,8 +540,8 @@ def test_sparse_rows_on_the_cpu_are_padded_to_multiples_of_64(tmp_path, capsys, 
 
 
 def test_packed_attention_runs_in_fp32_on_the_cpu_under_bf16():
-    """bf16 sdpa on the CPU keeps kernels per sequence length (RSS grew by 0.7 GiB over an AdvertiseGen run, whose
-    examples have ~400 different lengths) and is slower than fp32: each example's attention runs in fp32, under
+    """bf16 sdpa on the CPU keeps kernels per sequence length (RSS grew by 0.9 GiB over an AdvertiseGen run, whose
+    examples have hundreds of different lengths) and is slower than fp32: each example's attention runs in fp32, under
     bf16 autocast too, and comes back in bf16 with bf16 gradients."""
     from chatft.packing import _example_attention
 

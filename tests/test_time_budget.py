@@ -77,7 +77,9 @@ class Clock:
         return self.now
 
 
-def test_the_count_is_measured_then_corrected_then_final():
+def budget_run(step_times, save_after=None):
+    """A TimeBudget of 100 s on a fake clock, fed steps of these durations (a save after step save_after): the
+    max_steps after each step, the log lines, and the pieces to go on with."""
     clock, lines = Clock(), []
     budget = TimeBudget(
         100, None, examples_per_step=4, eval_examples=0, save_bytes=0, log=lines.append, clock=clock
@@ -87,22 +89,45 @@ def test_the_count_is_measured_then_corrected_then_final():
     control = SimpleNamespace(should_training_stop=False, should_save=False)
     budget.on_train_begin(args, state, control)
     counts = []
-    for step_time in [10.0, 2.0, 2.0, 2.0, 2.0, 2.0]:  # a slow first step (one-time costs), then 2 s
+    for step_time in step_times:
         budget.on_step_begin(args, state, control)
         clock.now += step_time
         state.global_step += 1
         budget.on_step_end(args, state, control)
+        if state.global_step == save_after:
+            budget.on_save(args, state, control)
         counts.append(state.max_steps)
-    # after step 1: 97% of 90 s left at 10 s a step = 1 + 8; after step 4: 97% of 84 s at 2 s = 4 + 40; final
+    return counts, lines, (budget, clock, args, state, control)
+
+
+def test_the_count_is_measured_then_corrected():
+    counts, lines, pieces = budget_run([10.0] + [2.0] * 5)  # a slow first step (one-time costs), then 2 s
+    budget, clock, args, state, control = pieces
+    # after step 1: 97% of 90 s left at 10 s a step = 1 + 8; after step 4: 97% of 84 s at 2 s = 4 + 40
     assert counts == [9, 9, 9, 44, 44, 44]
     assert lines[0].startswith("--time_budget: 9 steps (10.00 s a step over 1 measured")
     assert lines[1].startswith("--time_budget: 44 steps (2.00 s a step over 4 measured")
+    assert lines[1].endswith("measured again after step 8")
     assert len(lines) == 2 and not control.should_training_stop
     clock.now += 200  # the machine got very slow: the next step would end past the budget
     budget.on_step_begin(args, state, control)
     state.global_step += 1
     budget.on_step_end(args, state, control)
     assert control.should_training_stop and control.should_save and "stopping at step 7 of 44" in lines[-1]
+
+
+def test_steps_that_speed_up_are_re_planned_at_each_power_of_two_until_the_budget_is_spent():
+    counts, lines, _ = budget_run([10.0] + [2.0] * 5 + [1.0] * 79)  # the steps settle at half the time
+    # step 8: 22 s used, median of steps 3-8 still 2 s: 8 + 97% of 78 / 2 = 45; step 16: 30 s used, the latest
+    # three quarters of steps 2-16 mostly 1 s: 16 + 97% of 70 = 83; step 32: 32 + 97% of 54 = 84; step 64: 85
+    assert [counts[i - 1] for i in (1, 4, 8, 16, 32, 64, 85)] == [9, 44, 45, 83, 84, 85, 85]
+    assert len(lines) == 6 and lines[-1].startswith("--time_budget: 85 steps (1.00 s a step over 64 measured")
+    assert not lines[-1].endswith("measured again after step 128")  # no plan after the last step
+
+
+def test_a_save_makes_the_count_final():
+    counts, lines, _ = budget_run([10.0] + [2.0] * 5 + [1.0] * 30, save_after=6)
+    assert counts[-1] == 44 and len(lines) == 2  # the checkpoint of step 6 holds 44: a resume must find it
 
 
 @pytest.fixture(scope="module")

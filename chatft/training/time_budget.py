@@ -3,16 +3,18 @@
 People think in time ("train for 20 minutes"), not in steps. The budget counts from the first training step
 (preprocessing and model loading are not in it). How it is kept:
 - until the step count is known, max_steps is PROVISIONAL (never reached);
-- after step 1 the count is set from that step's time, and after step MEASURE_STEPS again from the median of the
-  steps after the first (step 1 carries one-time costs): the steps that fit in what is left of the budget,
-  less the evaluations and saves they bring (estimated: an evaluation from the step time per example, forward
-  only; a save from the bytes it writes) and one final save;
+- after step 1 the count is set from that step's time, after step MEASURE_STEPS again, and then re-planned after
+  steps 8, 16, 32, ... (each power of two: steps settle as caches warm up, or drift as the machine's load
+  changes): from the median of the steps after the first (step 1 carries one-time costs), the steps that fit in
+  what is left of the budget, less the evaluations and saves they bring (estimated: an evaluation from the step
+  time per example, forward only; a save from the bytes it writes) and one final save;
 - each time, the learning-rate schedule is laid over the chosen count (warmup and decay: its functions are
   re-bound to the count, and the learning rate of the next step is set from them), so the run ends its schedule
-  at its last step. Step 1's rate does not depend on the count (0 under warmup, the peak without), so only
-  steps 2 to MEASURE_STEPS run on the first estimate, whose decay differs by a few thousandths;
-- the count is final from step MEASURE_STEPS on (or the first save, if earlier): it is saved in every
-  checkpoint's trainer_state.json (max_steps), and a resumed run takes it from there, so it continues exactly;
+  at its last step. Step 1's rate does not depend on the count (0 under warmup, the peak without); after a
+  re-plan the later steps follow the new count's schedule (a linear decay at step k of n, re-planned to m, goes
+  on from 1 - k/m of the peak instead of 1 - k/n);
+- the count is final from the first save on: it is saved in every checkpoint's trainer_state.json (max_steps),
+  and a resumed run takes it from there, so it continues exactly;
 - should a step run so late that the next would end past the budget, training stops there and says so.
 --max_steps, when also given, caps the count.
 """
@@ -80,6 +82,16 @@ def steps_within(
     return low
 
 
+def is_plan_step(measured: int) -> bool:
+    """Whether the count is planned after this many measured steps: 1, MEASURE_STEPS, then each power of two."""
+    return measured in (1, MEASURE_STEPS) or (measured > MEASURE_STEPS and measured & (measured - 1) == 0)
+
+
+def next_plan_step(measured: int) -> int:
+    """The number of measured steps after which the count is planned next."""
+    return MEASURE_STEPS if measured < MEASURE_STEPS else 2 ** measured.bit_length()
+
+
 def lay_schedule(scheduler, args, total: int) -> None:
     """The scheduler's functions re-bound to `total` steps (and its warmup, when given as a ratio), and the
     optimizer's learning rate for the next step set from them."""
@@ -138,7 +150,7 @@ class TimeBudget(TrainerCallback):
     def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):
         now = self.clock()
         self.step_times.append(now - self.step_start)
-        if not self.final and len(self.step_times) in (1, MEASURE_STEPS):
+        if not self.final and is_plan_step(len(self.step_times)):
             self.choose(args, state, control, lr_scheduler)
         elif now - self.start + self.step_s() > self.budget_s and state.global_step < state.max_steps:
             control.should_training_stop = control.should_save = True
@@ -170,12 +182,12 @@ class TimeBudget(TrainerCallback):
         state.max_steps = total
         self.show_total(total)
         lay_schedule(lr_scheduler, args, total)
-        self.final = len(self.step_times) >= MEASURE_STEPS
+        measured, again = len(self.step_times), next_plan_step(len(self.step_times))
         self.log(
-            f"--time_budget: {total} steps ({step_s:.2f} s a step over {len(self.step_times)} measured"
+            f"--time_budget: {total} steps ({step_s:.2f} s a step over {measured} measured"
             f"{', evaluations and saves included' if eval_every or save_every else ''}; "
             f"{self.budget_s - remaining:.0f} s of {self.budget_s:.0f} s used)"
-            + ("" if self.final else f"; measured again after step {MEASURE_STEPS}")
+            + (f"; measured again after step {again}" if again < total else "")
         )
         if total <= state.global_step:
             control.should_training_stop = control.should_save = True

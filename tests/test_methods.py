@@ -281,6 +281,45 @@ def test_bf16_base_keeps_trainable_weights_in_fp32(model_dir: Path, tmp_path: Pa
     assert all(torch.isfinite(torch.tensor(train(model, steps=1))))
 
 
+def copies_loss_and_grads(model: torch.nn.Module) -> tuple[int, float, list[torch.Tensor]]:
+    """The dtype casts (aten._to_copy) of one forward and backward under bf16 autocast, its loss and the
+    trainable weights' gradients."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        casts = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.casts += func is torch.ops.aten._to_copy.default
+            return func(*args, **(kwargs or {}))
+
+    model.zero_grad()
+    with Count(), torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=IDS, labels=IDS).loss
+        loss.backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    return Count.casts, loss.item(), grads
+
+
+def test_lora_under_bf16_feeds_its_adapters_without_casting_their_inputs(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """peft casts an adapter's input to the adapter's fp32 weights, and autocast casts it straight back: chatft
+    skips that under autocast, which drops those casts and computes exactly the same (outside autocast, peft's
+    cast stays: test_bf16_base_keeps_trainable_weights_in_fp32 trains without it)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    model = load_model(model_args(model_dir, "lora"), training_args(tmp_path, bf16=True))
+    adapters = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    casts, loss, grads = copies_loss_and_grads(model)
+    for module in adapters:
+        vars(module).pop("_cast_input_dtype", None)  # peft's own
+    peft_casts, peft_loss, peft_grads = copies_loss_and_grads(model)
+    assert peft_casts - casts >= 3 * len(adapters)  # peft: the input to fp32 and back, and its gradient
+    assert loss == peft_loss
+    assert all(torch.equal(a, b) for a, b in zip(grads, peft_grads, strict=True))
+
+
 @pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")
 @pytest.mark.parametrize("name", ["gradient_checkpointing", "activation_checkpointing"])
 def test_ptuning_turns_gradient_checkpointing_off(

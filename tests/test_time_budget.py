@@ -118,8 +118,8 @@ def test_the_count_is_measured_then_corrected():
 
 def test_steps_that_speed_up_are_re_planned_at_each_power_of_two_until_the_budget_is_spent():
     counts, lines, _ = budget_run([10.0] + [2.0] * 5 + [1.0] * 79)  # the steps settle at half the time
-    # step 8: 22 s used, median of steps 3-8 still 2 s: 8 + 97% of 78 / 2 = 45; step 16: 30 s used, the latest
-    # three quarters of steps 2-16 mostly 1 s: 16 + 97% of 70 = 83; step 32: 32 + 97% of 54 = 84; step 64: 85
+    # step 8: 22 s used, the median of steps 2-8 still 2 s: 8 + 97% of 78 / 2 = 45; step 16: 30 s used, steps
+    # 2-16 mostly 1 s: 16 + 97% of 70 = 83; step 32: 32 + 97% of 54 = 84; step 64: 64 + 97% of 22 = 85
     assert [counts[i - 1] for i in (1, 4, 8, 16, 32, 64, 85)] == [9, 44, 45, 83, 84, 85, 85]
     assert len(lines) == 6 and lines[-1].startswith("--time_budget: 85 steps (1.00 s a step over 64 measured")
     assert not lines[-1].endswith("measured again after step 128")  # no plan after the last step

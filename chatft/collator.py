@@ -1,4 +1,5 @@
-"""Batching: dynamic padding to the longest example of the batch (never to max_seq_length), or packed rows.
+"""Batching: dynamic padding to the longest example of the batch (never to max_seq_length; rounded up to
+pad_to_multiple_of where given: a multiple of 64 on the CPU, chatft.training.step_plan), or packed rows.
 
 Both also return `num_examples` and `num_tokens` (real, non-pad tokens of the examples) for the step statistics;
 chatft.training.trainer.ChatTrainer takes them out before the forward, so use them with that Trainer. An empty item (a row

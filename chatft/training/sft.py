@@ -25,6 +25,7 @@ from chatft.training.flow import (
 from chatft.training.process import add_process_callbacks, start_process
 from chatft.training.samples import add_sample_answers, base_model, generation_eval_for, read_sample_prompts
 from chatft.training.step_plan import (
+    cpu_batch_padding,
     cpu_row_padding,
     packed_step,
     plan_micro_batches,
@@ -110,6 +111,9 @@ def run_sft(argv: list[str] | None) -> int:
             log(f"packing: {why}")
     else:
         collator = PadCollator(tokenizer.pad_token_id)
+        if training_args.device.type == "cpu":
+            collator.pad_to_multiple_of, why = cpu_batch_padding(data_args.max_seq_length)
+            log(f"padding: {why}")
     trainer = ChatTrainer(
         model=model,
         args=training_args,

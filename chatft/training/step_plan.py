@@ -67,6 +67,15 @@ def cpu_row_padding(tokens: int, rows: int, longest: int) -> tuple[int, str]:
     )
 
 
+def cpu_batch_padding(max_length: int) -> tuple[int, str]:
+    """What padded (unpacked) batches are padded to a multiple of on the CPU, and why (for the log): each batch's
+    longest example varies, and each new length would cost its bf16 kernels and memory of their own."""
+    return SHAPE_STEP, (
+        f"batches padded to a multiple of {SHAPE_STEP} tokens on the CPU (at most {-(-max_length // SHAPE_STEP)} "
+        "shapes, where each new shape costs oneDNN kernels and memory of its own)"
+    )
+
+
 def plan_micro_batches(model_args: ModelArguments, data_args: DataArguments, training_args, log) -> None:
     """A step of per_device_train_batch_size rows as micro-batches (chatft.machine.plan_step): the Trainer gets
     the micro-batch as its batch and the rest as more accumulation; checkpointing where it is left to chatft.

@@ -82,14 +82,16 @@ def steps_within(
     return low
 
 
-def is_plan_step(measured: int) -> bool:
-    """Whether the count is planned after this many measured steps: 1, MEASURE_STEPS, then each power of two."""
-    return measured in (1, MEASURE_STEPS) or (measured > MEASURE_STEPS and measured & (measured - 1) == 0)
-
-
 def next_plan_step(measured: int) -> int:
-    """The number of measured steps after which the count is planned next."""
+    """The number of measured steps after which the count is planned next: 1, MEASURE_STEPS, then each power
+    of two."""
+    if measured < 1:
+        return 1
     return MEASURE_STEPS if measured < MEASURE_STEPS else 2 ** measured.bit_length()
+
+
+def is_plan_step(measured: int) -> bool:
+    return measured >= 1 and measured == next_plan_step(measured - 1)
 
 
 def lay_schedule(scheduler, args, total: int) -> None:

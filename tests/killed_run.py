@@ -21,9 +21,20 @@ from chatft.training.trainer import ChatTrainer  # noqa: E402
 
 
 def run_killed(step: int, argv: list[str]) -> None:
-    """finetune.py argv in a process of its own, killed at the end of `step`; its output shown if it was not."""
+    """finetune.py argv in a process of its own, killed at the end of `step`; its output shown if it was not.
+    It runs on this process's torch thread count: the tests compare it with runs in this process, and fp32 sums
+    in another order drift past their tolerance over a few steps at lr 1e-2 (a session fixture of the serving
+    tests leaves pytest on one thread, where a fresh process would take two)."""
+    import torch
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     r = subprocess.run(
-        [sys.executable, __file__, str(step), *argv], capture_output=True, text=True, cwd=ROOT, timeout=300
+        [sys.executable, __file__, str(step), *argv],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        env=env,
     )
     assert r.returncode == -signal.SIGKILL, r.stdout[-2000:] + r.stderr[-2000:]
 

@@ -116,6 +116,15 @@ def test_the_count_is_measured_then_corrected():
     assert control.should_training_stop and control.should_save and "stopping at step 7 of 44" in lines[-1]
 
 
+def test_a_first_step_longer_than_the_budget_allows_still_leads_to_measured_steps():
+    counts, lines, pieces = budget_run([80.0] + [2.0] * 9)  # step 1 is mostly a compile (torch_compile)
+    # from step 1 alone, nothing more fits; steps 2-4 run and are measured. After step 4: 97% of the 14 s left
+    # at 2 s a step = 4 + 6; after step 8: 97% of 6 s = 8 + 2
+    assert counts == [4, 4, 4, 10, 10, 10, 10, 10, 10, 10]
+    assert lines[0].startswith("--time_budget: 4 steps (80.00 s a step over 1 measured")
+    assert not pieces[-1].should_training_stop
+
+
 def test_steps_that_speed_up_are_re_planned_at_each_power_of_two_until_the_budget_is_spent():
     counts, lines, _ = budget_run([10.0] + [2.0] * 5 + [1.0] * 79)  # the steps settle at half the time
     # step 8: 22 s used, the median of steps 2-8 still 2 s: 8 + 97% of 78 / 2 = 45; step 16: 30 s used, steps

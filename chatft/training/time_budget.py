@@ -3,9 +3,9 @@
 People think in time ("train for 20 minutes"), not in steps. The budget counts from the first training step
 (preprocessing and model loading are not in it). How it is kept:
 - until the step count is known, max_steps is PROVISIONAL (never reached);
-- after step 1 the count is set from that step's time, after step MEASURE_STEPS again, and then re-planned after
-  steps 8, 16, 32, ... (each power of two: steps settle as caches warm up, or drift as the machine's load
-  changes): from the median of the steps after the first (step 1 carries one-time costs), the steps that fit in
+- after step 1 the count is set from that step's time (at least MEASURE_STEPS: step 1 may be mostly a compile),
+  after step MEASURE_STEPS again, and then re-planned after steps 8, 16, 32, ... (each power of two: steps
+  settle as caches warm up, or drift as the machine's load changes): from the median of the steps after the first (step 1 carries one-time costs), the steps that fit in
   what is left of the budget, less the evaluations and saves they bring (estimated: an evaluation from the step
   time per example, forward only; a save from the bytes it writes) and one final save;
 - each time, the learning-rate schedule is laid over the chosen count (warmup and decay: its functions are
@@ -178,13 +178,19 @@ class TimeBudget(TrainerCallback):
         total = steps_within(
             PLAN_SHARE * remaining, state.global_step, step_s, eval_every, eval_s, save_every, save_s
         )
+        measured = len(self.step_times)
+        if measured < MEASURE_STEPS:
+            # Step 1 alone (a compile, cold caches) may be many times a step: planned from it, the run would end
+            # before a true step was ever measured. It goes on to step MEASURE_STEPS unless the budget guard
+            # (on_step_end) finds that even the steps after the first do not fit.
+            total = max(total, MEASURE_STEPS)
         if self.cap is not None:
             total = min(total, self.cap)
         total = max(total, state.global_step)
         state.max_steps = total
         self.show_total(total)
         lay_schedule(lr_scheduler, args, total)
-        measured, again = len(self.step_times), next_plan_step(len(self.step_times))
+        again = next_plan_step(measured)
         self.log(
             f"--time_budget: {total} steps ({step_s:.2f} s a step over {measured} measured"
             f"{', evaluations and saves included' if eval_every or save_every else ''}; "

@@ -10,6 +10,7 @@
 #   MAX_DEV=30 STEPS=40 bash bench/quality_advertisegen.sh
 #   PRECISION=fp32 OUT=output/quality_fp32 bash bench/quality_advertisegen.sh   # training precision (default: auto)
 #   TIME_BUDGET=700s OUT=output/quality_budget bash bench/quality_advertisegen.sh
+#   SEED=43 OUT=output/quality_seed43 bash bench/quality_advertisegen.sh   # another seed (default 42, the peer's)
 #
 # TIME_BUDGET: quality at equal wall-clock time. Instead of 120 padded steps, chatft's defaults (packing, length
 # grouping, the machine's precision) train for that long (--time_budget, which sets the step count and spans the
@@ -24,6 +25,7 @@ OUT=${OUT:-output/quality_advertisegen}
 STEPS=${STEPS:-120}
 MAX_DEV=${MAX_DEV:-}
 PRECISION=${PRECISION:-auto}
+SEED=${SEED:-42}
 mkdir -p "$OUT"
 
 timed() {  # name command...
@@ -53,7 +55,7 @@ fi
 timed train python finetune.py --method lora --train_file "$OUT/train.json" --output_dir "$OUT/lora" \
   "${length[@]}" --per_device_train_batch_size 4 --gradient_accumulation_steps 1 --learning_rate 2e-4 \
   --lr_scheduler_type linear --warmup_steps 0 --weight_decay 0 --max_grad_norm 1.0 --lora_rank 8 \
-  --lora_alpha 16 --lora_dropout 0 --lora_target all-linear --max_seq_length 512 --seed 42 \
+  --lora_alpha 16 --lora_dropout 0 --lora_target all-linear --max_seq_length 512 --seed "$SEED" \
   --save_strategy no --logging_steps 10 --precision "$PRECISION"
 timed predict_base python inference.py --input_file "$dev" --output_file "$OUT/base.jsonl" \
   --max_new_tokens 128 --batch_size 16 --eval

@@ -110,7 +110,8 @@ def load_model(
         if checkpointing:
             # Before peft wraps the model, so that peft sees it. Reentrant checkpointing needs the embeddings'
             # outputs to require grads: peft hooks that for non-quantized bases, transformers 5 in
-            # activation_checkpointing_enable; done here too for quantized ones, as prepare_model_for_kbit_training would.
+            # activation_checkpointing_enable; done here too for quantized ones, as prepare_model_for_kbit_training
+            # would.
             reentrant = _enable_checkpointing(model, training_args)
             if reentrant and quantized:
                 model.enable_input_require_grads()

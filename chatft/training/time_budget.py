@@ -3,11 +3,12 @@
 People think in time ("train for 20 minutes"), not in steps. The budget counts from the first training step
 (preprocessing and model loading are not in it). How it is kept:
 - until the step count is known, max_steps is PROVISIONAL (never reached);
-- after step 1 the count is set from that step's time (at least MEASURE_STEPS: step 1 may be mostly a compile),
-  after step MEASURE_STEPS again, and then re-planned after steps 8, 16, 32, ... (each power of two: steps
-  settle as caches warm up, or drift as the machine's load changes): from the median of the steps after the first (step 1 carries one-time costs), the steps that fit in
-  what is left of the budget, less the evaluations and saves they bring (estimated: an evaluation from the step
-  time per example, forward only; a save from the bytes it writes) and one final save;
+- after step 1 the count is set from that step's time (at least MEASURE_STEPS: step 1 may be mostly a
+  compile), after step MEASURE_STEPS again, and then re-planned after steps 8, 16, 32, ... (each power of two:
+  steps settle as caches warm up, or drift as the machine's load changes): from the median of the steps after
+  the first (step 1 carries one-time costs), the steps that fit in what is left of the budget, less the
+  evaluations and saves they bring (estimated: an evaluation from the step time per example, forward only; a
+  save from the bytes it writes) and one final save;
 - each time, the learning-rate schedule is laid over the chosen count (warmup and decay: its functions are
   re-bound to the count, and the learning rate of the next step is set from them), so the run ends its schedule
   at its last step. Step 1's rate does not depend on the count (0 under warmup, the peak without); after a
@@ -195,7 +196,7 @@ class TimeBudget(TrainerCallback):
             f"--time_budget: {total} steps ({step_s:.2f} s a step over {measured} measured"
             f"{', evaluations and saves included' if eval_every or save_every else ''}; "
             f"{self.budget_s - remaining:.0f} s of {self.budget_s:.0f} s used)"
-            + (f"; measured again after step {again}" if again < total else "")
+            + (f"; measured again after step {again}" if again <= total else "")
         )
         if total <= state.global_step:
             control.should_training_stop = control.should_save = True
@@ -231,7 +232,14 @@ def add_time_budget(trainer, training_args, resume: str | None, log: Callable[[s
         log=log,
         show_total=lambda steps: progress_bar_total(trainer, steps),
     )
-    trainer.add_callback(callback)
+    put_first(trainer.callback_handler, callback)
+
+
+def put_first(handler, callback: TrainerCallback) -> None:
+    """callback ahead of every other, transformers' DefaultFlowCallback included: at the end of step max_steps that
+    one tells the Trainer to stop, so a re-plan at that very step (4, 8, 16, ...) that raises the count must come
+    first, or the run stops at the old count with its schedule cut short."""
+    handler.callbacks.insert(0, callback)
 
 
 def progress_bar_total(trainer, steps: int) -> None:

@@ -22,19 +22,16 @@ from chatft.training.trainer import ChatTrainer  # noqa: E402
 
 def run_killed(step: int, argv: list[str]) -> None:
     """finetune.py argv in a process of its own, killed at the end of `step`; its output shown if it was not.
-    It runs on this process's torch thread count: the tests compare it with runs in this process, and fp32 sums
-    in another order drift past their tolerance over a few steps at lr 1e-2 (a session fixture of the serving
-    tests leaves pytest on one thread, where a fresh process would take two)."""
-    import torch
-
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    argv must fix the thread count (--threads), as the runs it is compared with must: fp32 sums in another order
+    drift past the tests' tolerance over a few steps at lr 1e-2, and an adaptive count follows the machine's load
+    (a session fixture of the serving tests once left pytest on one thread where the child took two)."""
+    assert "--threads" in argv, "give --threads to the killed run and to the runs it is compared with"
     r = subprocess.run(
         [sys.executable, __file__, str(step), *argv],
         capture_output=True,
         text=True,
         cwd=ROOT,
         timeout=300,
-        env=env,
     )
     assert r.returncode == -signal.SIGKILL, r.stdout[-2000:] + r.stderr[-2000:]
 

@@ -251,7 +251,7 @@ def test_a_killed_run_resumes_to_the_same_losses_rewards_and_weights(setup, tmp_
     from safetensors.torch import load_file
 
     common = ["--reward_funcs", "length", "accuracy", "--max_steps", "6", "--save_steps", "3",
-              "--learning_rate", "1e-2", "--method", "full"]  # fmt: skip
+              "--learning_rate", "1e-2", "--method", "full", "--threads", "1"]  # fmt: skip
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     assert main(argv(setup, whole, *common)) == 0
     run_killed(4, argv(setup, killed, *common))

@@ -165,7 +165,7 @@ def test_any_split_of_a_step_logs_the_same_losses_and_trains_the_same_weights(
 def test_a_killed_dpo_run_resumes_to_the_same_losses_and_weights(tiny_model, pairs_file, tmp_path, capsys):
     """SIGKILLed at step 5 (checkpoint-4 on disk), resumed with --resume_from_checkpoint auto: the same losses and
     adapter as an uninterrupted run, across an epoch (12 pairs: 3 steps of 4)."""
-    common = ["--max_steps", "8", "--save_steps", "4", "--warmup_steps", "2"]
+    common = ["--max_steps", "8", "--save_steps", "4", "--warmup_steps", "2", "--threads", "1"]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     assert run(tiny_model, pairs_file, whole, *common) == 0
     argv = ["--stage", "dpo", "--model_name_or_path", tiny_model, "--train_file", pairs_file, "--output_dir",

@@ -82,6 +82,8 @@ def test_a_streamed_run_killed_resumes_to_the_same_losses_and_weights(tiny_model
         "1e-2",
         "--warmup_steps",
         "2",
+        "--threads",
+        "1",
     ]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     assert run(tiny_model, two_files, whole, *common) == 0

@@ -172,7 +172,7 @@ def test_a_killed_run_resumes_to_the_same_losses_and_weights(tiny_model, many_fi
     with --resume_from_checkpoint auto logs the same losses and ends with the same weights as an uninterrupted
     run: model, optimizer, scheduler, data order and random state (dropout) all restored, across an epoch."""
     common = [*RESUMED[method], "--max_steps", "8", "--save_steps", "4", "--max_seq_length", "96",
-              "--learning_rate", "1e-2", "--warmup_steps", "2"]  # fmt: skip
+              "--learning_rate", "1e-2", "--warmup_steps", "2", "--threads", "1"]  # fmt: skip
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     assert run(tiny_model, many_file, whole, *common) == 0
     argv = ["--model_name_or_path", tiny_model, "--train_file", many_file, "--output_dir", str(killed),

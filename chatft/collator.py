@@ -1,5 +1,5 @@
-"""Batching: dynamic padding to the longest example of the batch (never to max_seq_length; rounded up to
-pad_to_multiple_of where given: a multiple of 64 on the CPU, chatft.training.step_plan), or packed rows.
+"""Batching: dynamic padding to the longest example of the batch (rounded up to pad_to_multiple_of where given:
+a multiple of 64 on the CPU, chatft.training.step_plan, but not past max_seq_length), or packed rows.
 
 Both also return `num_examples` and `num_tokens` (real, non-pad tokens of the examples) for the step statistics;
 chatft.training.trainer.ChatTrainer takes them out before the forward, so use them with that Trainer. An empty item (a row
@@ -23,19 +23,29 @@ FLATTENING_BACKENDS = ("flash_attention_2", "flash_attention_3", "flex_attention
 CU_SEQLENS_BACKENDS = ("flash_attention_2", "flash_attention_3", PACKED_SDPA)
 
 
-def padded_length(lengths, multiple: int | None) -> int:
-    """The longest of lengths (at least 1: a batch of empty items is one pad token), rounded up to `multiple`."""
+def padded_length(lengths, multiple: int | None, limit: int | None = None) -> int:
+    """The longest of lengths (at least 1: a batch of empty items is one pad token), rounded up to `multiple` but
+    not past `limit` (unless the longest itself is longer)."""
     longest = max(1, *lengths)
-    return -(-longest // multiple) * multiple if multiple else longest
+    if not multiple:
+        return longest
+    rounded = -(-longest // multiple) * multiple
+    return min(rounded, max(limit, longest)) if limit else rounded
 
 
 @dataclass
 class PadCollator:
+    """max_length caps the rounding up to pad_to_multiple_of: padded tokens get positions too, and a model with
+    learned positions may have no more than max_seq_length of them."""
+
     pad_token_id: int
     pad_to_multiple_of: int | None = None
+    max_length: int | None = None
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        longest = padded_length((len(f["input_ids"]) for f in features), self.pad_to_multiple_of)
+        longest = padded_length(
+            (len(f["input_ids"]) for f in features), self.pad_to_multiple_of, self.max_length
+        )
         input_ids, labels, mask = [], [], []
         for f in features:
             n = len(f["input_ids"])

@@ -557,6 +557,9 @@ def test_unpacked_batches_on_the_cpu_are_padded_to_multiples_of_64(tmp_path, cap
     assert collator.pad_to_multiple_of == 64
     batch = collator([{"input_ids": [5] * 70, "labels": [-100] * 60 + [5] * 10}])
     assert batch["input_ids"].shape == (1, 128) and int(batch["attention_mask"].sum()) == 70
+    # never past max_seq_length (140, not 192): the padding has positions too, and learned ones may end there
+    batch = collator([{"input_ids": [5] * 130, "labels": [-100] * 120 + [5] * 10}])
+    assert batch["input_ids"].shape == (1, 140)
 
 
 def test_packed_attention_runs_in_fp32_on_the_cpu_under_bf16():

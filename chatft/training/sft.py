@@ -110,7 +110,7 @@ def run_sft(argv: list[str] | None) -> int:
             collator.pad_to_multiple_of, why = shape
             log(f"packing: {why}")
     else:
-        collator = PadCollator(tokenizer.pad_token_id)
+        collator = PadCollator(tokenizer.pad_token_id, max_length=data_args.max_seq_length)
         if training_args.device.type == "cpu":
             collator.pad_to_multiple_of, why = cpu_batch_padding(data_args.max_seq_length)
             log(f"padding: {why}")

@@ -27,11 +27,7 @@ def run_killed(step: int, argv: list[str]) -> None:
     (a session fixture of the serving tests once left pytest on one thread where the child took two)."""
     assert "--threads" in argv, "give --threads to the killed run and to the runs it is compared with"
     r = subprocess.run(
-        [sys.executable, __file__, str(step), *argv],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
+        [sys.executable, __file__, str(step), *argv], capture_output=True, text=True, cwd=ROOT, timeout=300
     )
     assert r.returncode == -signal.SIGKILL, r.stdout[-2000:] + r.stderr[-2000:]
 

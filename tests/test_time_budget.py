@@ -233,10 +233,8 @@ def test_a_resumed_run_keeps_the_count_of_its_checkpoint(tmp_path):
     add_time_budget(trainer, fresh, None, log=lambda _: None)
     assert fresh.max_steps == PROVISIONAL and len(callbacks) == 2
     # the callback of the resumed run measures its first steps but does not choose again
-    budget, state = (
-        callbacks[-1],
-        SimpleNamespace(max_steps=37, global_step=20),
-    )  # each goes first: [fresh, resumed]
+    budget = callbacks[-1]  # each was put first: [fresh, resumed]
+    state = SimpleNamespace(max_steps=37, global_step=20)
     control = SimpleNamespace(should_training_stop=False, should_save=False)
     budget.on_train_begin(None, state, control)
     for _ in range(4):

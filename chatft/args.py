@@ -73,6 +73,13 @@ class ModelArguments:
             "help": "Comma-separated module names for LoRA, or all-linear (every linear layer but the head)."
         },
     )
+    fused_lora: bool = field(
+        default=True,
+        metadata={
+            "help": "Train plain LoRA layers (on a torch Linear, no DoRA) through one autograd function each "
+            "(chatft.fused_lora): peft's computation with fewer passes over the activations. False: peft's layers."
+        },
+    )
     attn_implementation: str | None = field(
         default=None,
         metadata={

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from chatft.fused_lora import fuse_lora_layers
+
 if TYPE_CHECKING:
     import transformers
 
@@ -123,6 +125,12 @@ def load_model(
             model = _add_lora(model, model_args)
         _upcast_trainable(model)
         _no_adapter_input_casts(model)
+        if method in ("lora", "qlora") and model_args.fused_lora:
+            fused = fuse_lora_layers(model)
+            if fused and _is_main_process():
+                print(
+                    f"LoRA: {fused} layers train through one fused function each (--fused_lora)", flush=True
+                )
 
     if _is_main_process():
         print(describe_trainable(model), flush=True)

@@ -234,6 +234,20 @@ def test_lora(model_dir: Path, tmp_path: Path) -> None:
     assert config["peft_type"] == "LORA" and config["r"] == 4
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_lora_layers_train_fused_unless_asked_not_to(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], fused: bool
+) -> None:
+    from peft.tuners.lora import layer as lora
+
+    model = load_model(model_args(model_dir, "lora", fused_lora=fused), training_args(tmp_path))
+    layers = [m for m in model.modules() if isinstance(m, lora.Linear)]
+    assert len(layers) == 2 * 7
+    assert [("forward" in vars(m)) for m in layers] == [fused] * len(layers)  # chatft.fused_lora's, or peft's
+    said = "LoRA: 14 layers train through one fused function each (--fused_lora)"
+    assert (said in capsys.readouterr().out) == fused
+
+
 def test_lora_target_list(model_dir: Path, tmp_path: Path) -> None:
     model = load_model(model_args(model_dir, "lora", lora_target="q_proj, v_proj"), training_args(tmp_path))
     trainable = {name.split(".")[-4] for name, p in model.named_parameters() if p.requires_grad}
@@ -306,11 +320,14 @@ def test_lora_under_bf16_feeds_its_adapters_without_casting_their_inputs(
 ) -> None:
     """peft casts an adapter's input to the adapter's fp32 weights, and autocast casts it straight back: chatft
     skips that under autocast, which drops those casts and computes exactly the same (outside autocast, peft's
-    cast stays: test_bf16_base_keeps_trainable_weights_in_fp32 trains without it)."""
+    cast stays: test_bf16_base_keeps_trainable_weights_in_fp32 trains without it). Plain LoRA layers train through
+    chatft.fused_lora instead; this is for the layers that keep peft's forward."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     model = load_model(model_args(model_dir, "lora"), training_args(tmp_path, bf16=True))
     adapters = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for module in adapters:  # peft's forward: what layers keep where chatft.fused_lora does not apply
+        vars(module).pop("forward")
     casts, loss, grads = copies_loss_and_grads(model)
     for module in adapters:
         vars(module).pop("_cast_input_dtype", None)  # peft's own

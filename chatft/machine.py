@@ -15,8 +15,9 @@ Micro-batches (--micro_batch_size auto, the default): --per_device_train_batch_s
 one optimizer step; the step runs as micro-batches (gradient accumulation, which trains exactly the same: the
 loss is normalised over the whole step). Their size:
 - on a GPU, the largest that fits the memory budget (--max_memory GiB, else 90% of the GPU's memory);
-- on the CPU, the smallest that still holds MICRO_TOKENS_CPU tokens (bench/RESULTS.md: beyond that, more rows per
-  forward buy no speed on a CPU, and each costs its activations), within --max_memory when given.
+- on the CPU, the smallest that holds MICRO_TOKENS_CPU tokens (bench/RESULTS.md: up to about that many tokens a
+  forward, a CPU trains faster per token, since a forward's fixed costs are shared by more tokens; beyond it,
+  slower again), within half the free memory, or within --max_memory when given.
 Activation checkpointing (unset: auto) is turned on only where one micro-batch of one row does not fit the budget.
 """
 
@@ -34,7 +35,8 @@ import torch
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BF16_MIN_SPEEDUP = 1.2  # bf16 only where the probe multiplies at least this much faster than fp32
-MICRO_TOKENS_CPU = 512  # tokens per forward that keep a CPU busy (bench/RESULTS.md)
+MICRO_TOKENS_CPU = 2048  # tokens per forward up to which a CPU trains faster per token (bench/RESULTS.md)
+CPU_BUDGET_SHARE = 0.5  # of the free memory, for a CPU micro-batch chosen without --max_memory
 GPU_BUDGET_SHARE = 0.9
 GIB = 2**30
 PROBE_CACHE = Path("~/.cache/chatft/precision.json").expanduser()
@@ -241,11 +243,16 @@ def plan_step(
         budget, of = None, ""
     fixed = shape.fixed_bytes(method, half)
     row = shape.activation_bytes(row_tokens, half)
-    if budget is None:  # the CPU without a budget: the fewest rows that still keep it busy
-        micro = _divisor_at_most(batch, max(1, -(-MICRO_TOKENS_CPU // row_tokens)))
+    if budget is None:  # the CPU without a budget: the fewest rows that hold MICRO_TOKENS_CPU tokens
+        wanted = max(1, -(-MICRO_TOKENS_CPU // row_tokens))
+        available = available if available is not None else available_memory()
+        if available:  # and no more than half the memory the machine has free
+            wanted = min(wanted, max(1, (int(CPU_BUDGET_SHARE * available) - fixed) // max(row, 1)))
+        micro = _divisor_at_most(batch, wanted)
         why = (
-            f"on the CPU, {micro} row(s) of up to {row_tokens} tokens per forward keep it busy "
-            f"(~{row * micro / GIB:.1f} GiB of activations); more would only cost memory"
+            f"on the CPU, up to {micro * row_tokens} tokens per forward (~{row * micro / GIB:.1f} GiB of "
+            f"activations): a forward's fixed costs are shared by more tokens, so fewer, longer forwards train "
+            f"faster up to about {MICRO_TOKENS_CPU} tokens"
         )
         return StepPlan(micro, False if checkpointing_auto else None, why)
     fits = max(0, (budget - fixed) // max(row, 1))

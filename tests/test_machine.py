@@ -100,15 +100,22 @@ def test_parse_args_sets_the_trainers_precision(monkeypatch, tmp_path):
         parse_args([*common, "--precision", "fp32", "--bf16", "True", "--use_cpu", "True"])
 
 
-def test_step_plan_on_the_cpu_keeps_a_forward_at_512_tokens():
-    plan = plan_step(4, 512, SMOLLM2, "lora", half=True, cuda=False, max_memory_gib=None, micro_batch=None,
-                     checkpointing_auto=True)  # fmt: skip
-    assert (plan.micro_batch, plan.checkpointing) == (1, False)
-    short = plan_step(8, 128, SMOLLM2, "lora", True, False, None, None, True)
-    assert short.micro_batch == 4  # 4 rows of 128 tokens hold 512
+def test_step_plan_on_the_cpu_holds_2048_tokens_a_forward_within_half_the_free_memory():
+    def cpu(batch: int, row_tokens: int, available: int = 64 * GIB):
+        return plan_step(
+            batch, row_tokens, SMOLLM2, "lora", True, False, None, None, True, available=available
+        )
+
+    plan = cpu(4, 512)
+    assert (plan.micro_batch, plan.checkpointing) == (4, False)
+    assert "up to 2048 tokens per forward" in plan.why
+    assert cpu(8, 2048).micro_batch == 1
+    assert cpu(16, 128).micro_batch == 16
+    assert cpu(12, 256).micro_batch == 6  # 8 rows of 256 would hold 2048 tokens: a divisor of 12
+    row, fixed = SMOLLM2.activation_bytes(512, half=True), SMOLLM2.fixed_bytes("lora", half=True)
     assert (
-        plan_step(6, 128, SMOLLM2, "lora", True, False, None, None, True).micro_batch == 3
-    )  # a divisor of 6
+        cpu(4, 512, available=int(2 * (fixed + 2.5 * row))).micro_batch == 2
+    )  # half the free memory: 2 rows
     given = plan_step(4, 512, SMOLLM2, "lora", True, False, None, 2, False)
     assert (given.micro_batch, given.checkpointing) == (2, None)
 

@@ -507,6 +507,7 @@ def test_cpu_rows_get_one_shape_when_nearly_full_else_multiples_of_64():
     assert cpu_row_padding(930, 2, 512)[0] == 512  # 90.8% full: the longest row, one shape
     multiple, why = cpu_row_padding(745, 2, 512)  # 72.8% full: one shape would be 27% padding
     assert multiple == 64 and "at most 8 shapes" in why and "27% padding" in why
+    assert "at most 24 shapes" in cpu_row_padding(745, 2, 512, per_forward=3)[1]  # 3 rows flattened a forward
     assert cpu_row_padding(10, 2, 60)[0] == 60  # rows no longer than a step: one shape
     assert cpu_row_padding(0, 0, 1)[0] == 1
 

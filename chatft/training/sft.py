@@ -106,7 +106,10 @@ def run_sft(argv: list[str] | None) -> int:
                 width = data_args.max_seq_length
                 shape = cpu_row_padding(width, 1, width)
             else:
-                shape = cpu_row_padding(sum(train_set.lengths), train_set.packed_rows, train_set.longest_row)
+                per_forward = training_args.per_device_train_batch_size if collator.flatten else 1
+                shape = cpu_row_padding(
+                    sum(train_set.lengths), train_set.packed_rows, train_set.longest_row, per_forward
+                )
             collator.pad_to_multiple_of, why = shape
             log(f"packing: {why}")
     else:

@@ -52,9 +52,9 @@ FULL_ROWS = 0.9
 SHAPE_STEP = 64
 
 
-def cpu_row_padding(tokens: int, rows: int, longest: int) -> tuple[int, str]:
+def cpu_row_padding(tokens: int, rows: int, longest: int, per_forward: int = 1) -> tuple[int, str]:
     """What packed rows are padded to a multiple of on the CPU, and why (for the log): tokens over rows rows whose
-    longest holds `longest` tokens."""
+    longest holds `longest` tokens, per_forward of them flattened into one row a forward (PackedCollator.flatten)."""
     fill = tokens / (rows * longest) if rows else 1.0
     if fill >= FULL_ROWS or longest <= SHAPE_STEP:
         return longest, (
@@ -62,7 +62,8 @@ def cpu_row_padding(tokens: int, rows: int, longest: int) -> tuple[int, str]:
             "new shape costs oneDNN kernels and memory of its own"
         )
     return SHAPE_STEP, (
-        f"rows padded to a multiple of {SHAPE_STEP} tokens on the CPU (at most {-(-longest // SHAPE_STEP)} shapes): "
+        f"rows padded to a multiple of {SHAPE_STEP} tokens on the CPU (at most {-(-per_forward * longest // SHAPE_STEP)} "
+        "shapes): "
         f"padded to the longest row ({longest}) they would be {100 * (1 - fill):.0f}% padding"
     )
 

@@ -75,10 +75,7 @@ class ModelArguments:
     )
     fused_lora: bool = field(
         default=True,
-        metadata={
-            "help": "Train plain LoRA layers (on a torch Linear, no DoRA) through one autograd function each "
-            "(chatft.fused_lora): peft's computation with fewer passes over the activations. False: peft's layers."
-        },
+        metadata={"help": "LoRA layers train as one fused function each (chatft.fused_lora); False: peft's."},
     )
     attn_implementation: str | None = field(
         default=None,

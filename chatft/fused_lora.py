@@ -31,9 +31,8 @@ class LoraLinearFunction(torch.autograd.Function):
         rows = x.reshape(-1, x.shape[-1]).to(dtype)
         adapter_rows = rows if dropped is None else dropped.reshape(rows.shape).to(dtype)
         w, a, b = weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
-        down = torch.mm(adapter_rows, a.t()).mul_(
-            scaling
-        )  # [tokens, r]: scaled here, not the [tokens, out] output
+        # [tokens, r]: the scaling multiplies this product, not the [tokens, out] output
+        down = torch.mm(adapter_rows, a.t()).mul_(scaling)
         out = torch.mm(rows, w.t())
         if bias is not None:
             out += bias.to(dtype)

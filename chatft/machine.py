@@ -195,6 +195,11 @@ def available_memory() -> int | None:
     """Bytes: the current GPU's total memory, else the machine's MemAvailable."""
     if torch.cuda.is_available():
         return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    return free_host_memory()
+
+
+def free_host_memory() -> int | None:
+    """Bytes: the machine's MemAvailable (/proc/meminfo), else sysconf's available pages."""
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
@@ -245,7 +250,7 @@ def plan_step(
     row = shape.activation_bytes(row_tokens, half)
     if budget is None:  # the CPU without a budget: the fewest rows that hold MICRO_TOKENS_CPU tokens
         wanted = max(1, -(-MICRO_TOKENS_CPU // row_tokens))
-        available = available if available is not None else available_memory()
+        available = available if available is not None else free_host_memory()
         if available:  # and no more than half the memory the machine has free
             wanted = min(wanted, max(1, (int(CPU_BUDGET_SHARE * available) - fixed) // max(row, 1)))
         micro = _divisor_at_most(batch, wanted)

@@ -541,7 +541,8 @@ def test_sparse_rows_on_the_cpu_are_padded_to_multiples_of_64(tmp_path, capsys, 
     collators = collators_of_a_run(tmp_path, monkeypatch)
     out = capsys.readouterr().out
     assert "3 examples into 3 rows" in out
-    assert re.search(r"rows padded to a multiple of 64 tokens on the CPU \(at most 3 shapes\): padded to the "
+    # the step's 3 rows run as one forward, flattened into one row: up to 3 x 13x tokens, at most 7 lengths
+    assert re.search(r"rows padded to a multiple of 64 tokens on the CPU \(at most 7 shapes\): padded to the "
                      r"longest row \(13\d\) they would be 2\d% padding", out)  # fmt: skip
     assert collators[0].pad_to_multiple_of == 64
 

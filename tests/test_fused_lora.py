@@ -16,11 +16,11 @@ VOCAB = 96
 IDS = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
 
 
-def lora_pair(dropout: float = 0.0, bias: bool = False, **config) -> tuple[torch.nn.Module, torch.nn.Module]:
+def lora_pair(dropout: float = 0.0, bias: bool = False) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The same LoRA model twice, B not zero (a trained adapter): peft's layers, and chatft's fused ones."""
     base = tiny_llama(VOCAB, hidden=64, layers=2, attention_bias=bias)
     base.requires_grad_(False)
-    lora_config = LoraConfig(r=4, lora_alpha=12, lora_dropout=dropout, target_modules="all-linear", **config)
+    lora_config = LoraConfig(r=4, lora_alpha=12, lora_dropout=dropout, target_modules="all-linear")
     peft_model = get_peft_model(base, lora_config)
     torch.manual_seed(2)
     for name, param in peft_model.named_parameters():
@@ -32,14 +32,15 @@ def lora_pair(dropout: float = 0.0, bias: bool = False, **config) -> tuple[torch
 
 
 def loss_and_grads(model: torch.nn.Module, autocast: bool = False, seed: int = 3):
-    """Loss, the LoRA weights' gradients and the embeddings' output gradient of one forward and backward."""
+    """Loss, the LoRA weights' gradients and the gradient of the first layer's attention input (what its q, k and v
+    projections read) of one forward and backward."""
     model.train()
     model.zero_grad()
-    embedded = {}
+    normed = {}
 
     def keep(_module, _inputs, output):
         output.retain_grad()
-        embedded["out"] = output
+        normed["out"] = output
 
     hook = model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
     keeper = model.base_model.model.model.layers[0].input_layernorm.register_forward_hook(keep)
@@ -50,7 +51,7 @@ def loss_and_grads(model: torch.nn.Module, autocast: bool = False, seed: int = 3
     hook.remove()
     keeper.remove()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
-    return loss.item(), grads, embedded["out"].grad.clone()
+    return loss.item(), grads, normed["out"].grad.clone()
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])

@@ -252,7 +252,7 @@ def plan_step(
         wanted = max(1, -(-MICRO_TOKENS_CPU // row_tokens))
         available = available if available is not None else free_host_memory()
         if available:  # and no more than half the memory the machine has free
-            wanted = min(wanted, max(1, (int(CPU_BUDGET_SHARE * available) - fixed) // max(row, 1)))
+            wanted = min(wanted, max(1, _rows_that_fit(int(CPU_BUDGET_SHARE * available), fixed, row)))
         micro = _divisor_at_most(batch, wanted)
         why = (
             f"on the CPU, up to {micro * row_tokens} tokens per forward (~{row * micro / GIB:.1f} GiB of "
@@ -260,7 +260,7 @@ def plan_step(
             f"faster up to about {MICRO_TOKENS_CPU} tokens"
         )
         return StepPlan(micro, False if checkpointing_auto else None, why)
-    fits = max(0, (budget - fixed) // max(row, 1))
+    fits = _rows_that_fit(budget, fixed, row)
     if fits >= 1:
         micro = _divisor_at_most(batch, fits)
         why = f"{micro} row(s) of ~{row / GIB:.2f} GiB of activations each fit {of} beside ~{fixed / GIB:.1f} GiB"
@@ -271,6 +271,11 @@ def plan_step(
         True if checkpointing_auto else None,
         why + (": activation checkpointing" if checkpointing_auto else ""),
     )
+
+
+def _rows_that_fit(budget: int, fixed: int, row: int) -> int:
+    """How many rows of `row` bytes of activations fit a budget beside `fixed` bytes (0 where none does)."""
+    return max(0, (budget - fixed) // max(row, 1))
 
 
 def _divisor_at_most(n: int, limit: int) -> int:

@@ -273,6 +273,21 @@ def test_batch_prediction_writes_a_line_per_record_and_left_padding_changes_noth
     assert outputs[1] == outputs[3]
 
 
+def test_a_repetition_penalty_reaches_greedy_decoding_and_a_bad_one_is_refused(runs, capsys):
+    """The untrained base repeats one token of its prompt; penalized, its answers take none of their prompts'."""
+    answers = {}
+    for flags in ([], ["--repetition_penalty", "3"]):
+        args = make_parser().parse_args(["--model", str(runs["base"]), "--max_new_tokens", "12", *flags])
+        session, options = load_session(args, say=quiet), GenerationOptions.from_args(args)
+        assert generation.generation_config(session, options).repetition_penalty == (3.0 if flags else None)
+        prompts = [render_prompt(session, Conversation([Message("user", q)]))[1] for q in PROMPTS]
+        answers[bool(flags)] = [(set(p), generate(session, [p], options)[0]) for p in prompts]
+    assert all(len(set(a)) == 1 and a[0] in p for p, a in answers[False])
+    assert all(not set(a) & p for p, a in answers[True])
+    assert cli.main(["--model", str(runs["base"]), "--prompt", "hi", "--repetition_penalty", "0"]) == 2
+    assert "--repetition_penalty must be positive (1.0: none), got 0.0" in capsys.readouterr().err
+
+
 def test_ptuning_batches_with_left_padding_answer_as_one_at_a_time(runs, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", [openai_record(q, a) for q, a in QA])
     for name in ("ptuning", "ptuning-proj"):

@@ -100,6 +100,12 @@ def make_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--top_p", type=float, help="with --do_sample (default: the model's generation config)")
     g.add_argument("--seed", type=int, help="random seed (for --do_sample)")
+    g.add_argument(
+        "--repetition_penalty",
+        type=float,
+        help="above 1: discourage tokens already in the prompt or the answer, greedy or sampled (transformers' "
+        "repetition_penalty; default: the model's generation config, usually 1.0 = none)",
+    )
     r = p.add_argument_group("modes")
     r.add_argument("--prompt", help="answer this one prompt and exit")
     r.add_argument("--system", help="system message for --prompt and chat")
@@ -209,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
     session = load_session(args, say=to_stderr)
     if tools is not None and session.raw:
         raise InferError("--tools needs chat prompts: this checkpoint answers raw prompts (see --raw)")
-    options = GenerationOptions(args.max_new_tokens, args.do_sample, args.temperature, args.top_p)
+    options = GenerationOptions.from_args(args)
     if args.input_file:
         predict_file(session, options, args.input_file, args.input_format, args.output_file, args.batch_size)
         if args.eval or args.compare:
@@ -258,6 +264,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise InferError("--threads must be at least 1")
     if args.batch_size < 1 or args.max_new_tokens < 1:
         raise InferError("--batch_size and --max_new_tokens must be at least 1")
+    if args.repetition_penalty is not None and not args.repetition_penalty > 0:
+        raise InferError(f"--repetition_penalty must be positive (1.0: none), got {args.repetition_penalty}")
     if args.pre_seq_len is not None and not args.pt_checkpoint:
         raise InferError("--pre_seq_len only checks a --pt-checkpoint")
     if args.tools and (args.input_file or args.predictions):

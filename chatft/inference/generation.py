@@ -3,7 +3,7 @@
 Every prompt is rendered as in training: the template's message dicts through apply_chat_template with
 add_generation_prompt=True, tokenized with no added special tokens; input-output records as raw text with the
 tokenizer's own prefix tokens (BOS) and no markup. Generation stops at every end of turn (Session.stop_ids).
-Greedy unless do_sample.
+Greedy unless do_sample; a repetition_penalty applies to either.
 """
 
 from __future__ import annotations
@@ -32,6 +32,18 @@ class GenerationOptions:
     temperature: float | None = None
     top_p: float | None = None
     max_time: float | None = None  # seconds; a generation that takes longer is cut
+    repetition_penalty: float | None = None  # transformers' (>1 discourages repeats), greedy or sampled
+
+    @classmethod
+    def from_args(cls, args: Any) -> GenerationOptions:
+        """The generation group of inference.py's command line."""
+        return cls(
+            args.max_new_tokens,
+            args.do_sample,
+            args.temperature,
+            args.top_p,
+            repetition_penalty=args.repetition_penalty,
+        )
 
 
 @dataclass
@@ -85,6 +97,9 @@ def generation_config(session: Session, options: GenerationOptions) -> Any:
         bos_token_id=own.bos_token_id,
         use_cache=True,  # a checkpoint saved mid-training has use_cache False in its config
         max_time=options.max_time,
+        repetition_penalty=(
+            options.repetition_penalty if options.repetition_penalty is not None else own.repetition_penalty
+        ),
     )
     if options.do_sample:
         config.temperature = options.temperature if options.temperature is not None else own.temperature

@@ -60,6 +60,7 @@ class Job:
             r.options.temperature,
             r.options.top_p,
             r.options.max_time,
+            r.options.repetition_penalty,
         )
 
     def feed(self, piece: str, final: bool = False) -> None:

@@ -262,7 +262,7 @@ def serve_main(args: argparse.Namespace) -> int:
         args.max_time,
         args.max_queue,
         args.max_batch,
-        GenerationOptions(args.max_new_tokens, args.do_sample, args.temperature, args.top_p),
+        GenerationOptions.from_args(args),
     )
     serve(Server(models, limits, args.api_key), args.host, args.port)
     return 0

@@ -11,11 +11,16 @@
 #   PRECISION=fp32 OUT=output/quality_fp32 bash bench/quality_advertisegen.sh   # training precision (default: auto)
 #   TIME_BUDGET=700s OUT=output/quality_budget bash bench/quality_advertisegen.sh
 #   SEED=43 OUT=output/quality_seed43 bash bench/quality_advertisegen.sh   # another seed (default 42, the peer's)
+#   REPETITION_PENALTY=1.2 OUT=output/quality_rp bash bench/quality_advertisegen.sh   # decoding that repeats less
 #
 # TIME_BUDGET: quality at equal wall-clock time. Instead of 120 padded steps, chatft's defaults (packing, length
 # grouping, the machine's precision) train for that long (--time_budget, which sets the step count and spans the
 # schedule over it); give it the peer's measured 120-step training time on the same machine
 # (../shared/peer/run_lf_quality.sh train; its train_runtime).
+#
+# REPETITION_PENALTY: both predictions decode with transformers' repetition_penalty (default: none, as the peer's
+# baseline). Give the peer the same: its predictions (../shared/peer/run_lf_quality.sh after) with the key
+# repetition_penalty=... added to their llamafactory-cli command line (a key of lf_advertisegen_predict.yaml).
 #
 # Prints both scores, the before/after table and the wall time of each phase; files under $OUT.
 set -euo pipefail
@@ -26,6 +31,8 @@ STEPS=${STEPS:-120}
 MAX_DEV=${MAX_DEV:-}
 PRECISION=${PRECISION:-auto}
 SEED=${SEED:-42}
+decoding=(--max_new_tokens 128 --batch_size 16)
+[ -n "${REPETITION_PENALTY:-}" ] && decoding+=(--repetition_penalty "$REPETITION_PENALTY")
 mkdir -p "$OUT"
 
 timed() {  # name command...
@@ -57,9 +64,8 @@ timed train python finetune.py --method lora --train_file "$OUT/train.json" --ou
   --lr_scheduler_type linear --warmup_steps 0 --weight_decay 0 --max_grad_norm 1.0 --lora_rank 8 \
   --lora_alpha 16 --lora_dropout 0 --lora_target all-linear --max_seq_length 512 --seed "$SEED" \
   --save_strategy no --logging_steps 10 --precision "$PRECISION"
-timed predict_base python inference.py --input_file "$dev" --output_file "$OUT/base.jsonl" \
-  --max_new_tokens 128 --batch_size 16 --eval
+timed predict_base python inference.py --input_file "$dev" --output_file "$OUT/base.jsonl" "${decoding[@]}" --eval
 timed predict_lora python inference.py --adapter "$OUT/lora" --input_file "$dev" --output_file "$OUT/tuned.jsonl" \
-  --max_new_tokens 128 --batch_size 16 --eval
+  "${decoding[@]}" --eval
 python inference.py --predictions "$OUT/tuned.jsonl" --compare "$OUT/base.jsonl"
 cat "$OUT/times.txt"

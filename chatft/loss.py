@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from chatft.data.templates import IGNORE_INDEX
+from chatft.inductor import compiled_cross_entropy, summed_cross_entropy
 
 DEFAULT_CHUNK_SIZE = 256
 # The trained positions are padded (with ignored targets) to a multiple of ROW_STEP rows, so the head sees a few
@@ -67,10 +68,12 @@ def causal_lm_loss(
     num_items_in_batch: torch.Tensor | int | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     checkpoint_chunks: bool | None = None,
+    compiled: bool = False,
 ) -> tuple[torch.Tensor, Any]:
     """(loss, model outputs without logits) for `model(**inputs)` against `labels` (aligned with input_ids).
 
-    checkpoint_chunks: None decides by itself (True only under DeepSpeed ZeRO-3).
+    checkpoint_chunks: None decides by itself (True only under DeepSpeed ZeRO-3). compiled: each chunk's
+    log-softmax while training is TorchInductor's fused one (chatft.inductor, --compile_layers).
     """
     head = output_embeddings(model)
     if head is None:
@@ -102,7 +105,7 @@ def causal_lm_loss(
     selected, targets = pad_rows(selected, targets, ROW_STEP)
     if checkpoint_chunks is None:
         checkpoint_chunks = zero3_enabled()
-    total = chunked_cross_entropy(head, selected, targets, chunk_size, checkpoint_chunks)
+    total = chunked_cross_entropy(head, selected, targets, chunk_size, checkpoint_chunks, compiled)
     if num_items_in_batch is None:
         num_items_in_batch = max(n_trained, 1)
     elif torch.is_tensor(num_items_in_batch):
@@ -125,8 +128,10 @@ def chunked_cross_entropy(
     targets: torch.Tensor,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     checkpoint_chunks: bool = False,
+    compiled: bool = False,
 ) -> torch.Tensor:
-    """sum over rows of cross_entropy(head(hidden[i]), targets[i]), fp32, one chunk of logits alive at a time."""
+    """sum over rows of cross_entropy(head(hidden[i]), targets[i]), fp32, one chunk of logits alive at a time;
+    compiled (not with checkpoint_chunks): the gradients' log-softmax is TorchInductor's fused one."""
     chunk_size = max(1, int(chunk_size))
     params = tuple(p for p in head.parameters() if p.requires_grad)
     if not torch.is_grad_enabled() or not (hidden.requires_grad or params):
@@ -154,11 +159,12 @@ def chunked_cross_entropy(
             total = total + part
         return total
     # with no row (nothing trained in this micro-batch) too: the head's weights still get (zero) gradients
-    return _HeadCrossEntropy.apply(hidden, targets, head, chunk_size, *params)
+    logits_loss = compiled_cross_entropy() if compiled else summed_cross_entropy
+    return _HeadCrossEntropy.apply(hidden, targets, head, chunk_size, logits_loss, *params)
 
 
 def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+    return summed_cross_entropy(head(hidden), targets)
 
 
 class _HeadCrossEntropy(torch.autograd.Function):
@@ -166,7 +172,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
     scaled in the backward, so no chunk's logits outlive it (a fused linear + cross-entropy, through the module)."""
 
     @staticmethod
-    def forward(ctx, hidden, targets, head, chunk_size, *params):
+    def forward(ctx, hidden, targets, head, chunk_size, logits_loss, *params):
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         # the weights' gradients add up over the chunks in fp32 (a bf16 model under DeepSpeed would round each sum)
         grad_params = [torch.zeros_like(p, dtype=torch.float32) for p in params]
@@ -175,7 +181,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
             stop = start + chunk_size
             with torch.enable_grad():
                 h = hidden[start:stop].detach().requires_grad_(grad_hidden is not None)
-                loss = _chunk_loss(head, h, targets[start:stop])
+                loss = logits_loss(head(h), targets[start:stop])
                 wrt = ([h] if grad_hidden is not None else []) + list(params)
                 grads = torch.autograd.grad(loss, wrt)
             if grad_hidden is not None:
@@ -197,7 +203,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
             g = saved.pop(0)
             grad_hidden = (g * grad_total).to(g.dtype)
         grad_params = [(g * grad_total).to(dtype) for g, dtype in zip(saved, ctx.param_dtypes, strict=True)]
-        return (grad_hidden, None, None, None, *grad_params)
+        return (grad_hidden, None, None, None, None, *grad_params)
 
 
 def zero3_enabled() -> bool:

@@ -242,6 +242,9 @@ def position_ids_for(seq_lens: Sequence[int]) -> list[int]:
 PACKED_SDPA = "chatft_packed_sdpa"
 
 
+# compiled decoder layers (chatft.inductor) run this eagerly: traced, its per-example split would be unrolled into
+# the graph and recompiled for every count of examples a row holds
+@torch.compiler.disable
 def packed_sdpa_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -429,6 +432,7 @@ def _segment_starts(position_ids: torch.Tensor | None) -> list[list[int]]:
     return [torch.nonzero(row[1:] == 0).flatten().add(1).tolist() for row in position_ids]
 
 
+@torch.compiler.disable  # as packed_sdpa_attention_forward: the boundaries are Python lists
 def _check_isolation(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     state = _EXPECTED.get()
     if state is None:

@@ -8,9 +8,10 @@ right for both, so the count follows the machine:
 - the budget: the cores this process may use (its CPU affinity, a cgroup CPU quota), shared by the training
   processes of this machine under torchrun (LOCAL_WORLD_SIZE);
 - between units of work (a micro-batch, a generation batch) ThreadGovernor.tick() reads how much CPU time the
-  rest of the machine took since the last reading (/proc/stat less this process's own time) and uses the cores
-  left free, at least one: fewer threads at once when other work arrives (a stall costs 10x), more again only
-  after two readings agree that it left (a wrong guess there costs 1.4x);
+  rest of the machine took since the last reading (/proc/stat less the time of this process and of the processes
+  it started, own_cpu_time) and uses the cores left free, at least one: fewer threads at once when other work
+  arrives (a stall costs 10x), more again only after two readings agree that it left (a wrong guess there costs
+  1.4x);
 - --threads N (or OMP_NUM_THREADS, outside torchrun) fixes the count instead.
 
 Where /proc/stat cannot be read (not Linux), the budget is used as it is.
@@ -109,13 +110,31 @@ def read_proc_stat(path: str = "/proc/stat") -> tuple[float, int] | None:
     return busy / os.sysconf("SC_CLK_TCK"), cores
 
 
+def own_cpu_time() -> float:
+    """CPU seconds of this process and of its descendants: the live ones (TorchInductor's compile workers, a data
+    loader's), and the exited ones it or they waited for (a C++ compiler run). Work this process started is its
+    own, not other work competing for the cores: counted as other work, a compile would take a thread away from
+    training, and compiled code (chatft.inductor) would compile again for the new thread count."""
+    import psutil
+
+    ended = os.times()
+    total = time.process_time() + ended.children_user + ended.children_system
+    for child in psutil.Process().children(recursive=True):
+        try:
+            t = child.cpu_times()
+        except psutil.Error:  # exited since it was listed
+            continue
+        total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
 class LoadMeter:
-    """Cores kept busy by everything but this process since the previous reading."""
+    """Cores kept busy by everything but this process (and what it started) since the previous reading."""
 
     def __init__(
         self,
         machine: Callable[[], tuple[float, int] | None] = read_proc_stat,
-        own: Callable[[], float] = time.process_time,
+        own: Callable[[], float] = own_cpu_time,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.machine, self.own, self.clock = machine, own, clock

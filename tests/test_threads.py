@@ -182,3 +182,27 @@ def test_generation_looks_at_the_load_between_tokens(byte_models):
     session.governor = SimpleNamespace(tick=lambda: ticks.append(1))
     answer = generate_one(session, session.tokenizer("hi")["input_ids"], GenerationOptions(max_new_tokens=6))
     assert answer.produced == 6 and len(ticks) == 6
+
+
+@pytest.mark.skipif(read_proc_stat() is None, reason="needs /proc/stat (Linux)")
+def test_processes_this_one_started_are_its_own_work_not_other_load():
+    """A busy child (as TorchInductor's compile workers and the C++ compiler they run are) keeps a core busy for
+    a second: the meter does not count it as other work, and its CPU time is in own_cpu_time while it runs and
+    after it ended."""
+    import subprocess
+    import sys
+    import time
+
+    from chatft.threads import own_cpu_time
+
+    meter = LoadMeter()
+    meter.reset()
+    before = own_cpu_time()
+    busy = "import time\nend = time.time() + 1.2\nwhile time.time() < end: pass"
+    child = subprocess.Popen([sys.executable, "-c", busy])
+    time.sleep(0.9)
+    assert own_cpu_time() - before > 0.5  # the live child
+    others = meter.others_busy(min_interval=0.5)
+    child.wait()
+    assert others is not None and others < 0.5
+    assert own_cpu_time() - before > 1.0  # the ended child, waited for

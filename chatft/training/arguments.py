@@ -48,8 +48,8 @@ class TrainArguments(Seq2SeqTrainingArguments):
     activation_checkpointing: bool | None = field(
         default=None,
         metadata={
-            "help": "Activation checkpointing: less memory for 5-36%% more time per step. Unset: on only where a "
-            "step would not fit comfortably in the memory available (never for ptuning).",
+            "help": "Less memory for 5-36%% more time per step. Unset: on only where a step would not fit "
+            "comfortably in the memory available (never for ptuning).",
             "nargs": "?",
             "const": True,
         },
@@ -68,8 +68,8 @@ class TrainArguments(Seq2SeqTrainingArguments):
     chunked_loss: bool = field(
         default=True,
         metadata={
-            "help": "Compute the loss only at trained positions, the LM head in chunks (never the full-vocabulary "
-            "logits of the batch); False: the model's own loss."
+            "help": "The loss only at trained positions, the LM head in chunks (no full-vocabulary logits of the "
+            "batch); False: the model's own."
         },
     )
     loss_chunk_size: int = field(
@@ -79,18 +79,16 @@ class TrainArguments(Seq2SeqTrainingArguments):
         default=0,
         metadata={
             "help": "Linux (glibc), to save memory: blocks of at least this many bytes (tensors) get their own "
-            "memory map and go back to the system when freed, e.g. 1048576. glibc's default raises this threshold "
-            "as a run goes, so activations land in a heap that fragments; fixing it at 1 MiB (with checkpointing) "
-            "took the CPU peak RSS to 0.42x (LoRA) / 0.73x (full) at 0.59x / 0.74x the speed: page faults "
-            "(bench/RESULTS.md). 0: glibc's default. Ignored where MALLOC_MMAP_THRESHOLD_ is set."
+            "memory map and go back to the system when freed, e.g. 1048576 (glibc's default threshold grows, and "
+            "the heap fragments): at 1 MiB with checkpointing, 0.42x (LoRA) / 0.73x (full) the peak RSS at 0.59x "
+            "/ 0.74x the speed (bench/RESULTS.md). 0: glibc's default. Ignored where MALLOC_MMAP_THRESHOLD_ is set."
         },
     )
     malloc_trim: bool | None = field(
         default=None,
         metadata={
-            "help": "Linux (glibc): hand freed memory back to the system (malloc_trim) after a micro-batch once "
-            "the process has grown more than 10%% past what a micro-batch needs. Unset (auto): on when training "
-            "on the CPU, off on a GPU."
+            "help": "Linux (glibc): freed memory back to the system (malloc_trim) after a micro-batch once the "
+            "process is 10%% past what a micro-batch needs. Unset: on when training on the CPU."
         },
     )
     sample_prompts: str | None = field(
@@ -143,6 +141,15 @@ class TrainArguments(Seq2SeqTrainingArguments):
             "help": "CPU threads torch uses. Unset: the cores this process may use (affinity, CPU quota, shared by "
             "the processes of a torchrun), fewer while other work keeps cores busy, more again when it leaves "
             "(each change logged)."
+        },
+    )
+    compile_layers: bool | None = field(
+        default=None,
+        metadata={
+            "help": "TorchInductor for the decoder layers and the loss. Unset: on for CPU LoRA runs of 300+ "
+            "steps or a 10m+ --time_budget.",
+            "nargs": "?",
+            "const": True,
         },
     )
     group_by_length: bool = field(

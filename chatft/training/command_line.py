@@ -25,7 +25,7 @@ HELP_GROUPS = {
                                     "per_device_eval_batch_size", "predict_with_generate", "generation_max_length",
                                     "sample_prompts", "sample_max_new_tokens", "report_to"],
     "precision and memory": ["bf16", "fp16", "use_cpu", "activation_checkpointing", "chunked_loss",
-                             "malloc_mmap_threshold", "malloc_trim", "threads", "deepspeed"],
+                             "malloc_mmap_threshold", "malloc_trim", "threads", "compile_layers", "deepspeed"],
     "resume and seed": ["resume_from_checkpoint", "seed", "data_seed"],
 }  # fmt: skip
 

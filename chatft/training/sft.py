@@ -4,9 +4,11 @@ rooms of chatft.training in the order a run takes: arguments, process, data, ste
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
+from chatft import inductor
 from chatft.collator import PackedCollator, PadCollator
 from chatft.data.check import report_lines
 from chatft.methods import load_model, load_tokenizer
@@ -38,8 +40,43 @@ from chatft.training.stream import (
     check_streaming_arguments,
     open_training_stream,
 )
-from chatft.training.time_budget import add_time_budget
+from chatft.training.time_budget import add_time_budget, parse_duration
 from chatft.training.trainer import ChatTrainer, packed_attention
+
+
+def compile_if_it_pays(model, model_args, training_args, train_set, log) -> bool:
+    """--compile_layers: the decoder layers compiled (chatft.inductor), where asked or where auto finds the run long
+    enough; returns whether the loss is compiled too."""
+    steps = training_args.max_steps if training_args.max_steps > 0 else None
+    if steps is None and hasattr(train_set, "__len__"):
+        rows = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+        steps = math.ceil(len(train_set) / (rows * max(1, training_args.world_size))) * math.ceil(
+            training_args.num_train_epochs
+        )
+    run = inductor.CompileSetting(
+        device=training_args.device.type,
+        method=model_args.method,
+        fused_lora=model_args.fused_lora,
+        deepspeed=bool(training_args.deepspeed),
+        checkpointing=bool(training_args.gradient_checkpointing),
+        whole_model=bool(training_args.torch_compile),
+        steps=steps,
+        budget_s=parse_duration(training_args.time_budget) if training_args.time_budget else None,
+        compiler=inductor.cpp_compiler(),
+    )
+    with bad_input_stops():
+        on, why = inductor.choose(training_args.compile_layers, run)
+    if not on:
+        log(f"compile: off ({why})")
+        return False
+    if training_args.compile_layers is None:
+        torch._dynamo.config.suppress_errors = True  # auto: what fails to compile runs eagerly instead
+    layers = inductor.compile_layers(model)
+    log(
+        f"compile: {layers} decoder layers (all but the first) and the loss, by TorchInductor with dynamic shapes "
+        f"({why}); the first step includes the compile"
+    )
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,6 +170,7 @@ def run_sft(argv: list[str] | None) -> int:
         add_stream_state(trainer, stream, training_args, resume)
     add_process_callbacks(trainer, training_args, log)
     add_time_budget(trainer, training_args, resume, log)
+    trainer.compiled_loss = compile_if_it_pays(model, model_args, training_args, train_set, log)
     if samples:
         add_sample_answers(trainer, samples, model_args, data_args, training_args, tokenizer, own, log)
     try:

@@ -60,6 +60,7 @@ class ChatTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.generation_eval = generation_eval
         self.loss_chunk_size = loss_chunk_size
+        self.compiled_loss = False  # chatft.inductor: the loss's log-softmax by TorchInductor
         # packed rows: every attention call must keep the examples apart (chatft.packing.expect_packed)
         self.packed = isinstance(self.data_collator, PackedCollator)
         if self.packed:
@@ -141,7 +142,9 @@ class ChatTrainer(Trainer):
             if not self.chunked_loss:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             labels = inputs.pop("labels")
-            loss, outputs = causal_lm_loss(model, inputs, labels, num_items_in_batch, self.loss_chunk_size)
+            loss, outputs = causal_lm_loss(
+                model, inputs, labels, num_items_in_batch, self.loss_chunk_size, compiled=self.compiled_loss
+            )
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # num_items_in_batch counts every process's tokens, and the gradients are averaged over processes
             loss = loss * self.accelerator.num_processes

@@ -188,6 +188,8 @@ def history(out: Path) -> list[dict]:
 
 
 def test_a_bad_reward_function_stops_the_run_before_training(setup, tmp_path, capsys):
+    assert main(argv(setup, tmp_path / "c", "--compile_layers")) == 2
+    assert capsys.readouterr().err.startswith("error: --compile_layers is for --stage sft; --stage grpo runs")
     bad = write(tmp_path / "r.py", "def wrong(prompts, completions, **kw):\n    return 1.0\n")
     assert main(argv(setup, tmp_path / "o", "--reward_funcs", f"{bad}:wrong", "--max_steps", "2")) == 2
     err = capsys.readouterr().err

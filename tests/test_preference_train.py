@@ -308,6 +308,10 @@ def test_bad_input_is_one_error_line_or_located_records(tiny_model, pairs_file, 
         (["--method", "ptuning"], "error: --stage dpo trains full, lora or qlora"),
         (["--max_target_length", "9"], "error: --max_target_length does not apply to preference data"),
         (
+            ["--compile_layers"],
+            "error: --compile_layers is for --stage sft; --stage dpo runs its layers eagerly",
+        ),
+        (
             ["--adapter", str(tmp_path / "nowhere")],
             f"error: --adapter {tmp_path / 'nowhere'}: not a peft adapter",
         ),

@@ -50,6 +50,12 @@ def bad_input_stops() -> Iterator[None]:
         raise StageError(str(e), 2) from e
 
 
+def sft_only(training_args, stage: str) -> None:
+    """A usage error for the SFT-only arguments given to another stage (inside bad_input_stops)."""
+    if getattr(training_args, "compile_layers", None):
+        raise ValueError(f"--compile_layers is for --stage sft; --stage {stage} runs its layers eagerly")
+
+
 def start_from(model_args: ModelArguments, adapter: str | None, log: Callable[[str], None]) -> None:
     """With --adapter: the base its adapter_config.json names (unless --model_name_or_path is given) and the
     tokenizer saved beside it; the chat template the start folder (adapter or model) was trained with, unless

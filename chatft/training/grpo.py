@@ -39,6 +39,7 @@ from chatft.training.flow import (
     load_sets,
     run_stage,
     seeded_model,
+    sft_only,
     start_from,
     train_and_save,
 )
@@ -152,6 +153,7 @@ def run_grpo(argv: list[str] | None) -> int:
             raise ValueError(
                 "--stage grpo trains full, lora or qlora; a P-Tuning v2 prefix is not offered for it"
             )
+        sft_only(training_args, "grpo")
     training_args.chat_template_kwargs = data_args.chat_template_kwargs or {}
     log = start_process(training_args)
     with bad_input_stops():

@@ -35,6 +35,7 @@ from chatft.training.flow import (
     load_sets,
     run_stage,
     seeded_model,
+    sft_only,
     start_from,
     train_and_save,
     warn_positions,
@@ -91,6 +92,7 @@ def run_preference(argv: list[str], stage: str) -> int:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     with bad_input_stops():
         model_args, data_args, pref_args, training_args = parse_preference_args(argv, stage)
+        sft_only(training_args, stage)
     log = start_process(training_args)
     with bad_input_stops():
         start_from(model_args, pref_args.adapter, log)
